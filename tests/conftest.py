@@ -17,8 +17,3 @@ def _isolated_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("WURST_CACHE_DIR", str(tmp_path / "cache"))
     yield
 
-
-def pytest_collectstart(collector):
-    # nbval: stderr and HTML reprs vary between library versions; never compare them.
-    if getattr(collector, "fspath", None) is not None and str(collector.fspath).endswith(".ipynb"):
-        collector.skip_compare += ("text/html", "application/javascript", "stderr")

@@ -1,0 +1,55 @@
+# Würstchen workbench. `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= tiny
+# torch/torchvision are pinned so that every run is reproducible (the 2.13 CPU wheel + PyPI torchvision fails to import).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+NBVAL := -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
+
+.PHONY: help install fonts test test-unit test-notebooks test-slow reproduce reports lab clean-runs
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	touch $(STAMP)
+
+install: $(STAMP) fonts ## create .venv with the pinned torch and the package with its dev extras
+
+fonts: ## install Noto Color Emoji (Debian fonts-noto-color-emoji) for the emoji dataset, where possible
+	@if [ -f "$(EMOJI_FONT)" ]; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >/dev/null; \
+	else echo "note: $(EMOJI_FONT) missing; install the Debian package fonts-noto-color-emoji for the emoji dataset"; fi
+
+test: install ## the whole suite: unit tests, then nbval over every notebook on the smoke profile
+	$(PY) -m pytest -m "not slow" tests
+	WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+
+test-unit: install ## unit tests only
+	$(PY) -m pytest -m "not slow" tests
+
+test-notebooks: install ## nbval over every notebook on the smoke profile
+	WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+
+test-slow: install ## the slow tests (minutes)
+	$(PY) -m pytest -m slow tests
+
+reproduce: install ## the main job: every notebook on the tiny profile (CPU), writing reports/
+	$(PY) -m wurst_core reproduce --profile $(PROFILE)
+
+reports: install ## rebuild reports/index.md from the latest runs (no training)
+	$(PY) -m wurst_core report --profile $(PROFILE)
+
+lab: install ## JupyterLab on the notebooks
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-runs: ## delete reports/runs (executed notebooks, checkpoints)
+	rm -rf reports/runs

@@ -1,0 +1,252 @@
+"""Training: one short loop shared by the three stages (paper Fig. 3: Stage A, then B, then C).
+
+A *task* is an ``nn.Module`` whose ``forward(batch, rngs)`` returns ``(loss, logs)``; it owns the networks of its
+stage, frozen ones included (:mod:`wurst_core.tasks`). The loop here is stage-agnostic: AdamW with linear warm-up,
+gradient accumulation, clipping at 1.0, EMA, bf16 autocast on GPU, atomic checkpoints, exact resume, NaN guard, and
+DistributedDataParallel when ``torch.distributed`` is initialised (``torchrun``).
+
+Determinism, and why resume is exact: every random draw of a step is a pure function of ``(seed, step, sample index)``
+(:func:`sample_generators`), the batch of a step is a pure function of ``(seed, step)`` (:func:`batch_indices`) and the
+global RNG (dropout) is re-seeded from ``(seed, step, rank)`` at every step. A checkpoint therefore needs only the
+model, EMA and optimizer states and the step; a run killed at any point and resumed ends with the same weights as an
+uninterrupted run. Under DDP each rank takes its rows of the same global batch with the same per-sample draws, so
+2 processes compute what 1 process computes on the global batch (up to float summation order).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .io import save_torch, write_json
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every stage. Defaults are the released recipe (official §6a)."""
+
+    steps: int = 1_500_000            # official: 1.5M updates
+    batch_size: int = 1280            # global batch (Stage C: 20*8*8)
+    lr: float = 1e-4                  # AdamW lr 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01        # torch AdamW default, as the official scripts
+    warmup_steps: int = 10_000        # GradualWarmupScheduler(total_epoch=10000): linear, then constant
+    lr_schedule: str = "constant"     # "constant" (official) | "cosine" (decay to min_lr_ratio after warm-up)
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_beta: float = 0.9             # official: start 5000, every 100 its, beta 0.9
+    ema_every: int = 100
+    ema_start: int = 5000
+    ckpt_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    precision: str = "auto"           # "auto": bf16 autocast on CUDA, float32 on CPU | "fp32" | "bf16"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto|fp32|bf16, got {self.precision!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0 to ``lr``, then constant or cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps): independent streams per (seed, step, index)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch at ``step``: epochs are seeded permutations of ``range(n)``."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, pos = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+        take = min(batch_size - len(out), n - pos)
+        out += perm[pos:pos + take].tolist()
+    return out
+
+
+def sample_generators(seed: int, step: int, rows: list[int]) -> list[torch.Generator]:
+    """One generator per sample of the global batch: draws depend on (seed, step, row), not on the process."""
+    return [torch.Generator().manual_seed(_mix(seed, step, row, 2)) for row in rows]
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (official: beta 0.9 every 100 its)."""
+
+    def __init__(self, module: nn.Module):
+        self.shadow = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, beta: float) -> None:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach(), 1 - beta)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k])
+        return module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
+        self.shadow = {k: state[k].clone() for k in self.shadow}
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict[str, Any]], n_data: int,
+        ckpt_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        ema_module: Callable[[nn.Module], nn.Module] | None = None) -> pd.DataFrame:
+    """Train ``task`` for ``cfg.steps`` updates and return the log as a DataFrame.
+
+    ``get_batch(indices)`` loads the dataset items; ``ckpt_dir/train_state.pt`` holds model, EMA, optimizer and step
+    (written atomically every ``cfg.ckpt_every`` steps and at the end). With ``resume=True`` the run continues
+    from that file exactly. A non-finite loss raises :class:`TrainingDiverged` and leaves the last checkpoint intact.
+    """
+    from tqdm.auto import tqdm
+
+    ckpt_dir = Path(ckpt_dir)
+    state_path = ckpt_dir / "train_state.pt"
+    rank, world = _world()
+    device = next(task.parameters()).device
+    params = [p for p in task.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = EMA(task)
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume and state_path.exists():
+        state = load_training_state(state_path)
+        task.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        history = list(state.get("history", []))
+        start = int(state["step"])
+    model: nn.Module = task
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step: int) -> None:
+        if rank == 0:
+            save_torch(state_path, {"model": task.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                    "step": step, "history": history, "config": dataclasses.asdict(cfg)})
+
+    micro = cfg.batch_size // cfg.grad_accum
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               desc="train", dynamic_ncols=True, mininterval=1.0)
+    t0, n_seen = time.time(), 0
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        torch.manual_seed(_mix(cfg.seed, step, rank, 3))  # dropout: a function of the step, so resume is exact
+        rows = batch_indices(n_data, cfg.batch_size, step, cfg.seed)
+        gens = sample_generators(cfg.seed, step, list(range(cfg.batch_size)))
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for m in range(cfg.grad_accum):
+            sl = slice(m * micro, (m + 1) * micro)
+            local = list(range(sl.start, sl.stop))[rank::world]  # this rank's rows of this micro-batch
+            batch = get_batch([rows[i] for i in local])
+            with _autocast(cfg, device):
+                loss, parts = model(batch, [gens[i] for i in local])
+            if not torch.isfinite(loss).all():
+                last = f"step {load_training_state(state_path)['step']} in {state_path}" if state_path.exists() else "none written yet"
+                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopped. Last good checkpoint: {last}")
+            # the per-rank mean over its rows, weighted so that DDP's gradient average equals the global-batch mean
+            (loss * len(local) * world / cfg.batch_size).backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if step + 1 >= cfg.ema_start and (step + 1) % cfg.ema_every == 0:
+            ema.update(task, cfg.ema_beta)
+        elif step + 1 < cfg.ema_start:
+            ema.update(task, 0.0)  # official: the EMA copies the weights until ema_start
+        n_seen += cfg.batch_size
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rec = {"step": step + 1, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), **logs,
+                   "samples_per_s": n_seen / max(time.time() - t0, 1e-9)}
+            history.append(rec)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "lr", "samples_per_s")})
+            if on_log is not None and rank == 0:
+                on_log(step + 1, rec)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    return pd.DataFrame(history)
+
+
+def ema_copy(task: nn.Module, state_path: str | os.PathLike) -> nn.Module:
+    """A copy of ``task`` carrying the EMA weights stored in a training checkpoint."""
+    state = load_training_state(Path(state_path))
+    out = copy.deepcopy(task)
+    out.load_state_dict(state["model"])
+    ema = EMA(out)
+    ema.load_state_dict(state["ema"])
+    return ema.copy_to(out)
+
+
+def batches(n: int, batch_size: int) -> Iterator[list[int]]:
+    """Sequential index chunks (evaluation)."""
+    for i in range(0, n, batch_size):
+        yield list(range(i, min(n, i + batch_size)))
+
+
+def write_history(history: pd.DataFrame, path: str | os.PathLike) -> None:
+    write_json(path, history.to_dict(orient="records"))
