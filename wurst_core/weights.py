@@ -1,0 +1,525 @@
+"""Loading, saving and exporting the networks, in every released layout (`official-implementation.md` §7,
+`diffusers-reference.md` §1-3).
+
+``load_model(path, stage=None)`` detects the format:
+
+* **original ``.pt`` dicts** (dome272/wuerstchen): Stage A ``{'state_dict'}``; Stage B ``{'state_dict',
+  'effnet_state_dict'}`` (the Semantic Compressor is stage ``"semantic"`` of the same file); Stage C
+  ``{'ema_state_dict', ...}``; attention packed as ``nn.MultiheadAttention`` ``in_proj_*`` (our own layout). A
+  bare state dict (``.pt``/``.safetensors``) in the official or the diffusers key layout works too.
+* **diffusers folders** (``warp-ai/wuerstchen`` ``vqgan/`` and ``decoder/``, ``warp-ai/wuerstchen-prior``
+  ``prior/``, or a pipeline folder holding them): ``config.json`` + ``diffusion_pytorch_model.safetensors``
+  (or ``.bin``, or sharded), attention split into ``to_q/to_k/to_v`` and ``to_out.0``.
+* **our checkpoints** (``save_model``): ``model.safetensors`` + ``model.json`` ``{"stage", "config"}``.
+* **a hub id** (``"warp-ai/wuerstchen"``, ``"warp-ai/wuerstchen-prior"``, or ``"owner/repo/file.pt"``):
+  downloaded with huggingface_hub when online; offline, the error says what to download and where.
+
+Configs are read from the checkpoint where it stores them (diffusers, ours) and otherwise inferred from the
+tensor shapes (the number of attention heads, which shapes cannot tell, comes from the size registry, else
+width / 64 as in every released model); pass ``config=`` to override. A checkpoint that does not fit the network
+raises ``CheckpointError`` listing the missing, unexpected and mis-shaped keys: there is no partial load.
+Pickles are read with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import io, paths
+from .models import NETWORKS, get_config, stage_of
+
+Tensors = dict[str, torch.Tensor]
+
+DIFFUSERS_CLASSES = {"a": "PaellaVQModel", "b": "WuerstchenDiffNeXt", "c": "WuerstchenPrior"}
+PIPELINE_SUBFOLDERS = {"a": "vqgan", "b": "decoder", "c": "prior"}
+COMBINED_PIPELINE_PRIOR = "prior_prior"  # WuerstchenCombinedPipeline's name for the prior
+# where each released network lives on the hub (diffusers layout)
+HUB_REPOS = {"warp-ai/wuerstchen": ("a", "b"), "warp-ai/wuerstchen-prior": ("c",)}
+STAGE_NAMES = {"a": "Stage A (VQGAN)", "b": "Stage B (DiffNeXt)", "c": "Stage C (prior)",
+               "semantic": "Semantic Compressor"}
+# diffusers fills config.json keys that are absent with its class defaults (the prior's are the paper's 16 blocks)
+_DIFFUSERS_DEFAULTS = {
+    "PaellaVQModel": dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=2, bottleneck_blocks=12,
+                          embed_dim=384, latent_channels=4, num_vq_embeddings=8192, scale_factor=0.3764),
+    "WuerstchenPrior": dict(c_in=16, c=1280, c_cond=1024, c_r=64, depth=16, nhead=16, dropout=0.1),
+    "WuerstchenDiffNeXt": {f.name: f.default for f in dataclasses.fields(NETWORKS["b"].config) if f.name != "self_attn"},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the network."""
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+def load_model(path: str | os.PathLike, stage: str | None = None, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None, config: Any = None) -> nn.Module:
+    """Load a network from a checkpoint file, a folder or a hub id; returns it in eval mode.
+
+    ``stage``: "a", "b", "c" or "semantic"; needed only where a file or folder holds several networks (a Stage B
+    ``.pt`` holds "b" and "semantic"; a pipeline folder holds "a" and "b"). ``dtype``: cast after loading
+    (default: float32). ``config``: use this architecture instead of the one stored or inferred.
+    """
+    if stage is not None and stage not in NETWORKS:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(NETWORKS)}")
+    local = Path(path)
+    if not local.exists():
+        local = _from_hub(str(path), stage)
+    found_stage, sd, stored_config = _read_checkpoint(local, stage)
+    if config is None:
+        config = stored_config if stored_config is not None else infer_config(found_stage, sd)
+    else:
+        config = get_config(found_stage, config)
+    model = _instantiate(found_stage, config, sd, source=str(path))
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` ({"stage", "config"}) atomically; returns the folder."""
+    stage = stage_of(model)
+    meta = {"format": "wurst_core", "stage": stage, "config": dataclasses.asdict(model.config)}
+    io.save_model_checkpoint(directory, model.state_dict(), meta, name="model")
+    return Path(directory)
+
+
+def export_diffusers(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
+    ``PaellaVQModel`` / ``WuerstchenDiffNeXt`` / ``WuerstchenPrior.from_pretrained`` load, so the diffusers
+    Würstchen pipelines run networks trained here. The Semantic Compressor has no diffusers model."""
+    stage = stage_of(model)
+    if stage == "semantic":
+        raise ValueError("the Semantic Compressor has no diffusers counterpart (the pipelines take its output)")
+    directory = Path(directory)
+    sd = diffusers_from_official(stage, model.state_dict())
+    io.save_safetensors(directory / "diffusion_pytorch_model.safetensors", sd)
+    io.write_json(directory / "config.json", config_to_diffusers(model.config))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------- key layouts
+
+_ATTN = re.compile(r"^(.*\.attention)\.attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$")
+_ATTN_DF = re.compile(r"^(.*\.attention)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
+
+
+def diffusers_from_official(stage: str, sd: Mapping[str, torch.Tensor]) -> Tensors:
+    """Official key layout -> diffusers (the inverse of diffusers' ``convert_wuerstchen.py``)."""
+    out: Tensors = {}
+    for k, v in sd.items():
+        m = _ATTN.match(k)
+        if m:
+            base, name = m.groups()
+            if name.startswith("in_proj"):
+                kind = name.split("_")[-1]  # weight | bias
+                for part, t in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):
+                    out[f"{base}.{part}.{kind}"] = t.clone()
+            else:
+                out[f"{base}.to_out.0.{name.split('.')[-1]}"] = v
+        elif stage == "a" and k == "vquantizer.codebook.weight":
+            out["vquantizer.embedding.weight"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def official_from_diffusers(stage: str, sd: Mapping[str, torch.Tensor]) -> Tensors:
+    """diffusers key layout -> official (what ``convert_wuerstchen.py`` undid): packs q/k/v into ``in_proj``."""
+    out: Tensors = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = _ATTN_DF.match(k)
+        if m:
+            base, part, kind = m.groups()
+            if part == "to_out.0":
+                out[f"{base}.attn.out_proj.{kind}"] = v
+            else:
+                parts.setdefault((base, kind), {})[part] = v
+        elif stage == "a" and k == "vquantizer.embedding.weight":
+            out["vquantizer.codebook.weight"] = v
+        else:
+            out[k] = v
+    for (base, kind), qkv in parts.items():
+        missing = {"to_q", "to_k", "to_v"} - set(qkv)
+        if missing:
+            raise CheckpointError(f"attention {base} lacks {sorted(missing)} {kind}")
+        out[f"{base}.attn.in_proj_{kind}"] = torch.cat([qkv["to_q"], qkv["to_k"], qkv["to_v"]], dim=0)
+    return out
+
+
+def _is_diffusers_layout(sd: Mapping[str, Any]) -> bool:
+    return "vquantizer.embedding.weight" in sd or any(_ATTN_DF.match(k) for k in sd)
+
+
+def detect_stage(sd: Mapping[str, Any]) -> str:
+    """Which network an (official-layout) state dict belongs to, from its characteristic keys."""
+    if "vquantizer.codebook.weight" in sd or "vquantizer.embedding.weight" in sd:
+        return "a"
+    if "cond_mapper.0.weight" in sd:
+        return "c"
+    if "clip_mapper.weight" in sd and "embedding.1.weight" in sd:
+        return "b"
+    if "mapper.0.weight" in sd and any(k.startswith("backbone.") for k in sd):
+        return "semantic"
+    raise CheckpointError(f"not a Würstchen v2 network: unrecognised keys (first: {sorted(sd)[:5]})")
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+def config_from_dict(stage: str, values: Mapping[str, Any]) -> Any:
+    """A stage config from JSON values (lists become tuples); unknown keys are an error."""
+    cls = NETWORKS[stage].config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise CheckpointError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def config_to_diffusers(config: Any) -> dict[str, Any]:
+    """Our config -> the diffusers ``config.json`` of the matching class."""
+    stage = next(s for s, net in NETWORKS.items() if isinstance(config, net.config))
+    if stage == "semantic":
+        raise ValueError("the Semantic Compressor has no diffusers counterpart")
+    head = {"_class_name": DIFFUSERS_CLASSES[stage], "_diffusers_version": _diffusers_version()}
+    if stage == "a":
+        return head | dict(in_channels=3, out_channels=3, up_down_scale_factor=2, levels=config.levels,
+                           bottleneck_blocks=config.bottleneck_blocks, embed_dim=config.c_hidden,
+                           latent_channels=config.c_latent, num_vq_embeddings=config.codebook_size,
+                           scale_factor=config.scale_factor)
+    values = dataclasses.asdict(config)
+    if stage == "b":
+        if not values.pop("self_attn"):
+            raise ValueError("diffusers' WuerstchenDiffNeXt always uses self-attention; cannot export self_attn=False")
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return head | values
+
+
+def config_from_diffusers(values: Mapping[str, Any]) -> tuple[str, Any]:
+    """A diffusers ``config.json`` -> (stage, our config)."""
+    name = values.get("_class_name")
+    stage = {v: k for k, v in DIFFUSERS_CLASSES.items()}.get(name)
+    if stage is None:
+        raise CheckpointError(f"config.json describes {name!r}, not one of {sorted(DIFFUSERS_CLASSES.values())}")
+    v = _DIFFUSERS_DEFAULTS[name] | {k: x for k, x in values.items() if not k.startswith("_")}
+    if stage == "a":
+        if (v["in_channels"], v["out_channels"], v["up_down_scale_factor"]) != (3, 3, 2):
+            raise CheckpointError("only RGB PaellaVQModels with up_down_scale_factor=2 are supported")
+        return stage, config_from_dict("a", dict(levels=v["levels"], bottleneck_blocks=v["bottleneck_blocks"],
+                                                 c_hidden=v["embed_dim"], c_latent=v["latent_channels"],
+                                                 codebook_size=v["num_vq_embeddings"], scale_factor=v["scale_factor"]))
+    if stage == "b" and isinstance(v.get("dropout"), list):
+        if len(set(v["dropout"])) != 1:
+            raise CheckpointError(f"per-level dropout {v['dropout']} is not supported")
+        v["dropout"] = v["dropout"][0]
+    known = {f.name for f in dataclasses.fields(NETWORKS[stage].config)}
+    return stage, config_from_dict(stage, {k: x for k, x in v.items() if k in known})
+
+
+def infer_config(stage: str, sd: Mapping[str, torch.Tensor]) -> Any:
+    """Rebuild the architecture config of an official-layout state dict from its tensor shapes."""
+    try:
+        config = {"a": _infer_a, "b": _infer_b, "c": _infer_c, "semantic": _infer_semantic}[stage](sd)
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"cannot infer the {STAGE_NAMES[stage]} architecture from the checkpoint ({e}); "
+                              f"pass config=") from e
+    # shapes cannot tell the number of heads (or dropout): take them from a registry size that agrees otherwise
+    unknowable = {k: getattr(config, k) for k in ("nhead", "dropout") if hasattr(config, k)}
+    for known in NETWORKS[stage].sizes.values():
+        if dataclasses.replace(known, **unknowable) == config:
+            return known
+    return config
+
+
+def _indices(sd: Mapping[str, Any], prefix: str) -> list[int]:
+    pat = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pat.match(k))})
+
+
+def _infer_a(sd: Mapping[str, torch.Tensor]) -> Any:
+    c_hidden, c_latent = sd["up_blocks.0.0.weight"].shape[:2]
+    c0 = sd["in_block.1.weight"].shape[0]
+    levels = int(round(math.log2(c_hidden / c0))) + 1
+    n_up = len(_indices(sd, "up_blocks"))
+    return NETWORKS["a"].config(levels=levels, bottleneck_blocks=n_up - 1 - 2 * (levels - 1), c_hidden=c_hidden,
+                                c_latent=c_latent, codebook_size=sd["vquantizer.codebook.weight"].shape[0])
+
+
+def _infer_c(sd: Mapping[str, torch.Tensor]) -> Any:
+    c, c_in = sd["projection.weight"].shape[:2]
+    return NETWORKS["c"].config(c_in=c_in, c=c, c_cond=sd["cond_mapper.0.weight"].shape[1],
+                                c_r=sd["blocks.1.mapper.weight"].shape[1], depth=len(_indices(sd, "blocks")) // 3,
+                                nhead=_heads(c))
+
+
+def _infer_b(sd: Mapping[str, torch.Tensor]) -> Any:
+    levels = _indices(sd, "down_blocks")
+    c_hidden, letters_per_level, c_r, kernel = [], [], None, None
+    for lvl in levels:
+        letters, width = "", 0
+        for n in _indices(sd, f"down_blocks.{lvl}"):
+            p = f"down_blocks.{lvl}.{n}."
+            if p + "depthwise.weight" in sd:
+                letters += "C"
+                kernel, width = sd[p + "depthwise.weight"].shape[-1], sd[p + "depthwise.weight"].shape[0]
+            elif p + "mapper.weight" in sd:
+                letters += "T"
+                c_r, width = sd[p + "mapper.weight"].shape[1], sd[p + "mapper.weight"].shape[0] // 2
+            elif p + "attention.attn.in_proj_weight" in sd:
+                letters += "A"
+                width = sd[p + "attention.attn.in_proj_weight"].shape[1]
+        c_hidden.append(width)
+        letters_per_level.append(letters)
+    level_config, blocks = [], []
+    for letters in letters_per_level:  # the shortest pattern whose repetition gives the level
+        period = next(p for p in range(1, len(letters) + 1)
+                      if len(letters) % p == 0 and letters[:p] * (len(letters) // p) == letters)
+        level_config.append(letters[:period])
+        blocks.append(len(letters) // period)
+    mappers = _indices(sd, "effnet_mappers")
+    inject = tuple(i in mappers for i in range(len(levels)))
+    c_cond, clip_embd = sd["clip_mapper.weight"].shape
+    emb_in = sd["embedding.1.weight"].shape[1]
+    patch = 2 if emb_in % 4 == 0 else 1  # c_in * patch**2 channels: the released model has c_in 4, patch 2
+    return NETWORKS["b"].config(
+        c_in=emb_in // patch ** 2, c_out=sd["clf.1.weight"].shape[0] // (2 * patch ** 2), c_r=c_r, patch_size=patch,
+        c_cond=c_cond, c_hidden=tuple(c_hidden),
+        nhead=tuple(_heads(c) if "A" in lc else -1 for c, lc in zip(c_hidden, level_config)),
+        blocks=tuple(blocks), level_config=tuple(level_config), inject_effnet=inject,
+        effnet_embd=sd[f"effnet_mappers.{mappers[0]}.weight"].shape[1] if mappers else 16,
+        clip_embd=clip_embd, kernel_size=kernel)
+
+
+def _infer_semantic(sd: Mapping[str, torch.Tensor]) -> Any:
+    cls, sizes = NETWORKS["semantic"].config, NETWORKS["semantic"].sizes
+    c_latent = sd["mapper.0.weight"].shape[0]
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("backbone.")}
+    for backbone in ("efficientnet_v2_s", "efficientnet_v2_l", "tiny"):
+        image_size = next((c.image_size for c in sizes.values() if c.backbone == backbone), 768)
+        config = cls(backbone=backbone, c_latent=c_latent, image_size=image_size)
+        with torch.device("meta"):
+            candidate = NETWORKS["semantic"].model(config)
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k.startswith("backbone.")} == shapes:
+            return config
+    raise ValueError("the backbone is none of efficientnet_v2_s, efficientnet_v2_l, tiny")
+
+
+def _heads(c: int) -> int:
+    return c // 64 if c % 64 == 0 else 1  # every released model uses 64-wide heads
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+        return diffusers.__version__
+    except ImportError:
+        return "0.27.0"
+
+
+# ---------------------------------------------------------------------------------------- reading files
+
+def _read_tensors(path: Path) -> Any:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # old (non-zip) pickles cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or corrupt file, or a "
+                              f"pickle with non-tensor objects, which weights_only=True refuses)") from e
+
+
+def _read_checkpoint(path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+    """-> (stage, official-layout state dict, config stored with it or None)."""
+    if path.is_dir():
+        if (path / "model.json").exists():
+            return _read_ours(path / "model.json", stage)
+        if (path / "model_index.json").exists():  # a diffusers pipeline: pick the network's subfolder
+            subfolders = {s: path / sub for s, sub in PIPELINE_SUBFOLDERS.items()}
+            if not (subfolders["c"] / "config.json").exists():
+                subfolders["c"] = path / COMBINED_PIPELINE_PRIOR
+            candidates = [s for s, sub in subfolders.items() if (sub / "config.json").exists()]
+            chosen = [stage] if stage in candidates else candidates if stage is None else []
+            if len(chosen) != 1:
+                raise CheckpointError(f"{path} is a diffusers pipeline holding stages {candidates}; "
+                                      f"pass stage= one of them" + (f" (not {stage!r})" if stage else ""))
+            path = subfolders[chosen[0]]
+        if (path / "config.json").exists():
+            return _read_diffusers(path, stage)
+        raise CheckpointError(f"{path}: no model.json (wurst_core), config.json (diffusers) or model_index.json")
+    if path.suffix == ".json":
+        return _read_ours(path, stage)
+    if path.suffix == ".safetensors" and path.with_suffix(".json").exists():
+        return _read_ours(path.with_suffix(".json"), stage)
+    obj = _read_tensors(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    wrapped = any(isinstance(obj.get(k), dict) for k in ("state_dict", "ema_state_dict", "effnet_state_dict"))
+    sd = _pick_official(obj, stage, path) if wrapped else obj
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors (keys: {sorted(sd)[:10]})")
+    found = detect_stage(sd)
+    if _is_diffusers_layout(sd):
+        sd = official_from_diffusers(found, sd)
+    _check_stage(found, stage, path)
+    return found, sd, None
+
+
+def _pick_official(obj: dict, stage: str | None, path: Path) -> Tensors:
+    """The network's dict inside an original training checkpoint."""
+    if stage == "semantic":
+        if "effnet_state_dict" not in obj:
+            raise CheckpointError(f"{path} has no 'effnet_state_dict' (the Semantic Compressor is saved with Stage B)")
+        return obj["effnet_state_dict"]
+    # Stage C releases carry the EMA weights (model_v2_stage_c.pt: 'ema_state_dict'); prefer them
+    for key in ("ema_state_dict", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    raise CheckpointError(f"{path} has no 'state_dict' or 'ema_state_dict' (keys: {sorted(obj)[:10]})")
+
+
+def _read_ours(meta_path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+    try:
+        meta = json.loads(meta_path.read_text())
+        found, values = meta["stage"], meta["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: not a wurst_core model.json ({e})") from e
+    if found not in NETWORKS:
+        raise CheckpointError(f"{meta_path}: unknown stage {found!r}")
+    _check_stage(found, stage, meta_path)
+    weights = meta_path.with_suffix(".safetensors")
+    if not weights.exists():
+        raise CheckpointError(f"{meta_path}: the weights file {weights.name} is missing")
+    return found, _read_tensors(weights), config_from_dict(found, values)
+
+
+def _read_diffusers(folder: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: unreadable ({e})") from e
+    found, config = config_from_diffusers(values)
+    _check_stage(found, stage, folder)
+    sd: Tensors = {}
+    for file in _diffusers_weight_files(folder):
+        sd.update(_read_tensors(file))
+    return found, official_from_diffusers(found, sd), config
+
+
+def _diffusers_weight_files(folder: Path) -> list[Path]:
+    for ext in ("safetensors", "bin"):
+        index = folder / f"diffusion_pytorch_model.{ext}.index.json"
+        if index.exists():  # sharded
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+        if (folder / f"diffusion_pytorch_model.{ext}").exists():
+            return [folder / f"diffusion_pytorch_model.{ext}"]
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))  # e.g. the fp16 variant
+    if variants:
+        return variants[:1]
+    raise CheckpointError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
+
+
+def _check_stage(found: str, wanted: str | None, where: Any) -> None:
+    if wanted is not None and found != wanted:
+        raise CheckpointError(f"{where} holds a {STAGE_NAMES[found]}, not a {STAGE_NAMES[wanted]}")
+
+
+# ----------------------------------------------------------------------------------- building the model
+
+def _instantiate(stage: str, config: Any, sd: Tensors, source: str) -> nn.Module:
+    net = NETWORKS[stage]
+    # Stages B and C (1B parameters, no buffers) are built without memory and take the checkpoint's tensors;
+    # Stage A and the compressor are small and have buffers (BN statistics, normalisation) to initialise.
+    meta = stage in ("b", "c")
+    with torch.device("meta" if meta else "cpu"):
+        model = net.model(config)
+    check_state_dict(model, sd, source)
+    model.load_state_dict(sd, strict=True, assign=meta)
+    return model
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys unless ``sd`` fits exactly."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = sorted((k for k in sd if k not in own), key=_natural)
+    misshaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or misshaped:
+        text = f"{source} does not fit {type(model).__name__}({model.config}):"
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)):
+            if items:
+                text += f"\n  {name} ({len(items)}):" + "".join(f"\n    {x}" for x in items[:12])
+                text += f"\n    ... {len(items) - 12} more" if len(items) > 12 else ""
+        raise CheckpointError(text)
+
+
+def _natural(key: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]  # blocks.2 before blocks.10
+
+
+# ------------------------------------------------------------------------------------------------ hub
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
+
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return True
+
+
+def _from_hub(ref: str, stage: str | None) -> Path:
+    """Resolve a hub id to a local path: the huggingface_hub cache, else a download (online only)."""
+    if not _HUB_ID.match(ref):
+        raise FileNotFoundError(f"no such checkpoint file or folder: {ref}")
+    parts = ref.split("/")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    patterns = None
+    if filename is None and repo in HUB_REPOS:
+        stages = HUB_REPOS[repo] if stage is None else [stage]
+        if any(s not in HUB_REPOS[repo] for s in stages):
+            raise CheckpointError(f"{repo} holds stages {list(HUB_REPOS[repo])}, not {stage!r}")
+        patterns = ["model_index.json"] + [f"{PIPELINE_SUBFOLDERS[s]}/*" for s in stages]
+    target = paths.cache_dir() / "hub" / repo.replace("/", "--")
+    include = " ".join(f"--include '{p}'" for p in patterns or [])
+    how = (f"download it on a machine with network access:\n    hf download {repo} "
+           f"{filename or include} --local-dir {target}\nthen call load_model('{target / filename if filename else target}'"
+           f"{', stage=' + repr(stage) if stage else ''})")
+    try:
+        import huggingface_hub as hub
+    except ImportError as e:
+        raise CheckpointError(f"{ref} is not a local path and huggingface_hub is not installed; {how}") from e
+
+    def fetch(local_only: bool) -> Path:
+        if filename:
+            return Path(hub.hf_hub_download(repo, filename, local_files_only=local_only))
+        return Path(hub.snapshot_download(repo, allow_patterns=patterns, local_files_only=local_only))
+
+    try:
+        return fetch(local_only=True)  # already in the huggingface_hub cache
+    except Exception:
+        pass
+    if _hub_offline():
+        raise CheckpointError(f"{ref} is not a local path and the machine is offline (HF_HUB_OFFLINE); {how}")
+    try:
+        return fetch(local_only=False)
+    except Exception as e:  # no network, no such repo or file, ...
+        raise CheckpointError(f"could not download {ref} ({type(e).__name__}: {e}); {how}") from e
