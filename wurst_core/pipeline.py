@@ -1,0 +1,683 @@
+"""The text-to-image pipeline: text -> Stage C -> Stage B -> Stage A (paper §3.3, Figure 2).
+
+1. Stage C samples the Semantic Compressor latent (B, 16, ceil(H/42.67), ceil(W/42.67)) from noise with DDPM,
+   tau_C = 60 steps and classifier-free guidance w = 4 (paper §4; released ``DEFAULT_STAGE_C_TIMESTEPS``
+   available). With the v2 data scaling Stage C works on ``(f + 1)/42`` and its output is mapped back with
+   ``x*42 - 1`` (official §2, diffusers ``latent_mean=42, latent_std=1``).
+2. Stage B samples the Stage A latent (B, 4, int(h*10.67), int(w*10.67)) conditioned on that map and on text,
+   tau_B = 12 steps. The paper (§4) uses w = 4 for Stage B; the released pipeline uses 0 (no guidance). Both work:
+   ``decoder_guidance=4.0`` or ``0.0`` (the default, as released). The unconditional branch gets a zero map.
+3. Stage A decodes ``latents * 0.3764`` without quantisation; images are clamped to [0, 1].
+
+Random numbers are drawn in diffusers' order (Stage C start noise, one z per Stage C step, Stage B start noise,
+one z per Stage B step) from the one ``generator``, so the same seed gives diffusers' image
+(diffusers-reference.md §2). Unlike diffusers' combined pipeline, batches of different prompts work.
+The output side is ``4*int(ceil(H/42.67)*10.67)`` (1024 -> 1024, 1536 -> 1536, 512 -> 512, 128 -> 128).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import notebook
+from .samplers import make_timesteps, sample
+
+RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
+LATENT_DIM_SCALE = 10.67     # Stage B latent pixels per Stage C latent pixel (diffusers decoder `latent_dim_scale`)
+
+STAGE_C_SCALINGS = ("v2", "std", "none")
+# where each network lives in a folder, by layout: ours (save), diffusers' combined and split pipelines
+_SUBFOLDERS = {"c": ("stage_c", "prior_prior", "prior"), "b": ("stage_b", "decoder"), "a": ("stage_a", "vqgan"),
+               "semantic": ("semantic",)}
+
+Prompts = str | Sequence[str] | None
+StageCallback = Callable[[str, int, Tensor, Tensor], Any]  # (stage "c" | "b", step, t, latents)
+
+
+def stage_c_size(height: int, width: int, multiple: float = RESOLUTION_MULTIPLE) -> tuple[int, int]:
+    """Stage C latent size for an image size (diffusers prior: ``ceil(H/42.67)``)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    return math.ceil(height / multiple), math.ceil(width / multiple)
+
+
+def stage_b_size(c_size: tuple[int, int], scale: float = LATENT_DIM_SCALE) -> tuple[int, int]:
+    """Stage B latent size for a Stage C latent size (diffusers decoder: ``int(h*10.67)``)."""
+    return int(c_size[0] * scale), int(c_size[1] * scale)
+
+
+def _prompt_list(prompts: Prompts, name: str) -> list[str] | None:
+    if prompts is None:
+        return None
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompts!r}")
+    return prompts
+
+
+def _config_int(model: nn.Module, field: str) -> int:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, field):
+        raise TypeError(f"{type(model).__name__} has no .config.{field}; pass a wurst_core model (load_model)")
+    return int(getattr(cfg, field))
+
+
+class Pipeline:
+    """Würstchen v2 text-to-image sampling over the networks ``wurst_core.load_model`` returns.
+
+    Text encoders are callables ``encoder(prompts) -> obj with .tokens (B, 77, width)`` (``wurst_core.text``);
+    they are optional when embeddings are passed instead of prompts. ``semantic_compressor`` is only needed for
+    ``reconstruct`` and ``variations``. ``stage_c_scaling``: the data space Stage C was trained on, undone before
+    Stage B: "v2" = ``(f + 1)/42`` (the released prior; samples map back with ``x*42 - 1``), "std" =
+    ``(f - stage_c_mean)/stage_c_std``, "none" = the raw compressor output (``wurst_core.tasks.StageCTask``).
+    ``resolution_multiple`` / ``latent_dim_scale``: image pixels per Stage C latent pixel and Stage B per Stage C
+    latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
+    ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
+    was trained (paper §3.1: 1024 -> 768); None: the compressor's own ``encode`` rule (``config.image_size``).
+    ``autocast`` (default: on for CUDA): run the networks in bf16 autocast; the sampler stays in float32.
+    """
+
+    def __init__(self, stage_c: nn.Module, stage_b: nn.Module, stage_a: nn.Module,
+                 prior_text_encoder: Callable[[list[str]], Any] | None = None,
+                 decoder_text_encoder: Callable[[list[str]], Any] | None = None, *,
+                 semantic_compressor: nn.Module | None = None, stage_c_scaling: str = "v2",
+                 stage_c_mean: float = 0.0, stage_c_std: float = 1.0,
+                 resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
+                 compressor_size: int | None = None, autocast: bool | None = None) -> None:
+        if stage_c_scaling not in STAGE_C_SCALINGS:
+            raise ValueError(f"stage_c_scaling must be one of {STAGE_C_SCALINGS}, got {stage_c_scaling!r}")
+        if resolution_multiple <= 0 or latent_dim_scale <= 0 or stage_c_std <= 0:
+            raise ValueError("resolution_multiple, latent_dim_scale and stage_c_std must be > 0")
+        self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
+        self.prior_text_encoder, self.decoder_text_encoder = prior_text_encoder, decoder_text_encoder
+        self.semantic_compressor = semantic_compressor
+        self.stage_c_scaling, self.stage_c_mean, self.stage_c_std = stage_c_scaling, stage_c_mean, stage_c_std
+        self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
+        self.compressor_size = compressor_size
+        self.autocast = autocast
+        for m in self._modules():
+            m.eval()
+
+    # ---------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, prior_text_encoder: Any = None,
+                        decoder_text_encoder: Any = None, **settings: Any) -> "Pipeline":
+        """Load every network of a folder with ``wurst_core.load_model``. Layouts:
+
+        - ours (``Pipeline.save``): ``stage_c/ stage_b/ stage_a/ [semantic/]`` (model.json + model.safetensors)
+          and ``pipeline.json`` (the Stage C scaling);
+        - diffusers: a combined pipeline (``prior_prior/ decoder/ vqgan/`` + ``prior_text_encoder/ prior_tokenizer/
+          text_encoder/ tokenizer/``) or ``prior/`` + ``decoder/`` + ``vqgan/``;
+        - the released ``.pt`` files side by side: ``model_v2_stage_c*.pt`` (the ``finetune_interpolation`` one, the
+          recommended prior, when both are there), ``model_v2_stage_b.pt`` (with the Semantic Compressor),
+          ``vqgan_f4_v1_500k.pt``.
+
+        Text encoders come from ``[prior_]text_encoder/`` (transformers CLIP + tokenizer, or a ``wurst_core.text``
+        open_clip checkpoint; ours: ``text_encoder/`` serves both stages) unless passed; without them, pass text
+        embeddings to the pipeline. ``settings`` override ``pipeline.json`` (``stage_c_scaling``, ``autocast`` ...).
+        """
+        from .weights import CheckpointError, load_model
+
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
+        found = _locate_networks(root)
+        missing = [s for s in ("c", "b", "a") if s not in found]
+        if missing:
+            raise FileNotFoundError(f"{root}: no checkpoint for stage(s) {missing}; expected subfolders "
+                                    f"{[_SUBFOLDERS[s][0] for s in missing]}, a diffusers pipeline, or the released "
+                                    f".pt files (model_v2_stage_c*.pt, model_v2_stage_b.pt, vqgan_f4_v1_500k.pt)")
+        nets = {s: load_model(p, s, device=device, dtype=dtype) for s, p in found.items() if s != "semantic"}
+        semantic = None
+        if "semantic" in found:
+            try:
+                semantic = load_model(found["semantic"], "semantic", device=device, dtype=dtype)
+            except CheckpointError:
+                if found["semantic"].is_dir():
+                    raise
+                # a Stage B .pt without 'effnet_state_dict': the compressor is optional (reconstruct, variations)
+        config = json.loads((root / "pipeline.json").read_text()) if (root / "pipeline.json").is_file() else {}
+        texts = _load_text_encoders(root, device)
+        return cls(nets["c"], nets["b"], nets["a"], prior_text_encoder or texts.get("prior"),
+                   decoder_text_encoder or texts.get("decoder"), semantic_compressor=semantic,
+                   **{**config, **settings})
+
+    def save(self, directory: str | os.PathLike, text_encoder_dir: str | os.PathLike | None = None) -> Path:
+        """Write the networks in our format (``stage_c/ stage_b/ stage_a/ [semantic/]``) and ``pipeline.json``
+        (Stage C scaling, latent-size ratios); ``from_pretrained`` reads it back. Text encoders live elsewhere
+        (``wurst_core.text``): ``text_encoder_dir``, a ``wurst_core.text`` checkpoint folder, is copied to
+        ``text_encoder/`` so that the folder is self-contained (``wurst generate --weights``)."""
+        from .io import atomic_write, write_json
+        from .weights import save_model
+
+        directory = Path(directory)
+        parts = {"c": self.stage_c, "b": self.stage_b, "a": self.stage_a, "semantic": self.semantic_compressor}
+        for stage, model in parts.items():
+            if model is not None:
+                save_model(model, directory / _SUBFOLDERS[stage][0])
+        if text_encoder_dir is not None:
+            source = Path(text_encoder_dir)
+            for name in ("model.safetensors", "model.json"):
+                if not (source / name).is_file():
+                    raise FileNotFoundError(f"{source} is not a wurst_core.text checkpoint folder (no {name})")
+            for name in ("model.safetensors", "model.json"):  # the JSON last: it marks a complete folder
+                atomic_write(directory / "text_encoder" / name,
+                             lambda tmp, src=source / name: shutil.copyfile(src, tmp))
+        write_json(directory / "pipeline.json", {
+            "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
+            "stage_c_std": self.stage_c_std, "resolution_multiple": self.resolution_multiple,
+            "latent_dim_scale": self.latent_dim_scale, "compressor_size": self.compressor_size})
+        return directory
+
+    # ---------------------------------------------------------------- plumbing
+    def _modules(self) -> list[nn.Module]:
+        parts = [self.stage_c, self.stage_b, self.stage_a, self.semantic_compressor,
+                 self.prior_text_encoder, self.decoder_text_encoder]
+        return [m for m in parts if isinstance(m, nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.stage_c.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "Pipeline":
+        for m in self._modules():
+            m.to(device)
+        return self
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        use = self.device.type == "cuda" if self.autocast is None else self.autocast
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+    def _denoiser(self, model: nn.Module) -> Callable[..., Tensor]:
+        def denoise(x: Tensor, r: Tensor, **cond: Tensor) -> Tensor:
+            with self._amp():
+                return model(x, r, **cond).float()
+        return denoise
+
+    # ---------------------------------------------------------------- text
+    def encode_text(self, prompts: Prompts, stage: str = "prior") -> Tensor:
+        """Text tokens (B, L, width) of ``prompts`` from the prior ("prior") or decoder ("decoder") text encoder."""
+        if stage not in ("prior", "decoder"):
+            raise ValueError(f"stage must be 'prior' or 'decoder', got {stage!r}")
+        encoder = self.prior_text_encoder if stage == "prior" else self.decoder_text_encoder
+        if encoder is None:
+            raise ValueError(f"this pipeline has no {stage}_text_encoder: pass {stage}_text_embeds "
+                             f"(and {stage}_negative_text_embeds for guidance > 1) instead of prompts")
+        prompts = _prompt_list(prompts, "prompts")
+        with torch.no_grad():
+            out = encoder(prompts)
+        tokens = getattr(out, "tokens", out)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 3 or tokens.shape[0] != len(prompts):
+            raise TypeError(f"the {stage} text encoder must return (B={len(prompts)}, L, width) tokens, "
+                            f"got {getattr(tokens, 'shape', type(tokens))}")
+        return tokens.to(self.device, torch.float32)
+
+    def _text_pair(self, stage: str, prompts: list[str] | None, negatives: list[str] | None,
+                   embeds: Tensor | None, neg_embeds: Tensor | None, batch: int,
+                   guidance: float) -> tuple[Tensor, Tensor | None]:
+        """Conditional and (for guidance > 1) unconditional tokens for ``batch`` prompts."""
+        if embeds is None:
+            embeds = self.encode_text(prompts if prompts is not None else [""] * batch, stage)
+        embeds = self._check_embeds(f"{stage}_text_embeds", embeds, batch)
+        if guidance <= 1:
+            return embeds, None
+        if neg_embeds is None:
+            neg = negatives if negatives is not None else [""] * batch
+            neg_embeds = self.encode_text(neg, stage)
+        neg_embeds = self._check_embeds(f"{stage}_negative_text_embeds", neg_embeds, batch)
+        if neg_embeds.shape != embeds.shape:
+            raise ValueError(f"{stage} negative text embeddings {tuple(neg_embeds.shape)} must be shaped like the "
+                             f"text embeddings {tuple(embeds.shape)}")
+        return embeds, neg_embeds
+
+    def _check_embeds(self, name: str, e: Tensor, batch: int) -> Tensor:
+        if not isinstance(e, Tensor) or e.dim() != 3:
+            raise ValueError(f"{name} must be a (B, L, width) tensor, got {getattr(e, 'shape', type(e))}")
+        if e.shape[0] != batch:
+            raise ValueError(f"{name} has batch {e.shape[0]}, expected {batch} (one row per prompt)")
+        return e.to(self.device, torch.float32)
+
+    # ---------------------------------------------------------------- the three stages
+    @torch.no_grad()
+    def sample_stage_c(self, text_embeds: Tensor, negative_text_embeds: Tensor | None = None, *,
+                       height: int = 1024, width: int = 1024, steps: int = 60,
+                       timesteps: Sequence[float] | Tensor | None = None, guidance: float = 4.0,
+                       generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                       progress: bool = False, sampler: str = "ddpm") -> Tensor:
+        """Stage C: text tokens (B, L, c_cond) -> image embeddings (B, 16, ceil(H/42.67), ceil(W/42.67)) in the
+        RAW Semantic Compressor space (``unscale_stage_c``: ``x*42 - 1`` with the v2 scaling), ready for Stage B."""
+        b = text_embeds.shape[0]
+        shape = (b, _config_int(self.stage_c, "c_in"), *stage_c_size(height, width, self.resolution_multiple))
+        x = sample(self._denoiser(self.stage_c), shape, timesteps if timesteps is not None else steps,
+                   {"text_tokens": text_embeds},
+                   {"text_tokens": negative_text_embeds} if negative_text_embeds is not None else None,
+                   guidance, sampler, generator=generator, progress=progress, device=self.device,
+                   callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None)
+        return self.unscale_stage_c(x)
+
+    def unscale_stage_c(self, x: Tensor) -> Tensor:
+        """Stage C's data space -> the raw Semantic Compressor output that Stage B is conditioned on."""
+        if self.stage_c_scaling == "v2":
+            return x * 42 - 1  # diffusers: latents * latent_mean(42) - latent_std(1)
+        if self.stage_c_scaling == "std":
+            return x * self.stage_c_std + self.stage_c_mean
+        return x
+
+    @torch.no_grad()
+    def sample_stage_b(self, image_embeds: Tensor, text_embeds: Tensor, negative_text_embeds: Tensor | None = None,
+                       *, steps: int = 12, timesteps: Sequence[float] | Tensor | None = None,
+                       guidance: float = 0.0, latent_size: tuple[int, int] | None = None,
+                       generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                       progress: bool = False, sampler: str = "ddpm") -> Tensor:
+        """Stage B: image embeddings (B, 16, h, w, raw compressor space) + text tokens -> Stage A latents
+        (B, 4, int(h*10.67), int(w*10.67)) or ``latent_size``. The unconditional branch (guidance > 1) gets the
+        negative text and a zero image embedding (diffusers-reference.md §2.3)."""
+        if image_embeds.dim() != 4 or image_embeds.shape[0] != text_embeds.shape[0]:
+            raise ValueError(f"image_embeds {tuple(image_embeds.shape)} must be (B, 16, h, w) with the batch of "
+                             f"text_embeds {tuple(text_embeds.shape)}")
+        size = latent_size or stage_b_size(tuple(image_embeds.shape[-2:]), self.latent_dim_scale)
+        multiple = getattr(getattr(self.stage_b, "config", None), "downscale", 1)
+        if size[0] % multiple or size[1] % multiple:
+            raise ValueError(f"Stage B latent size {size} is not a multiple of {multiple}, which this Stage B needs; "
+                             f"choose another image height/width")
+        image_embeds = image_embeds.to(self.device, torch.float32)
+        cond = {"sc_latent": image_embeds, "text_tokens": text_embeds}
+        uncond = None
+        if negative_text_embeds is not None:
+            uncond = {"sc_latent": torch.zeros_like(image_embeds), "text_tokens": negative_text_embeds}
+        shape = (image_embeds.shape[0], _config_int(self.stage_b, "c_in"), *size)
+        return sample(self._denoiser(self.stage_b), shape, timesteps if timesteps is not None else steps, cond,
+                      uncond, guidance, sampler, generator=generator, progress=progress, device=self.device,
+                      callback=(lambda i, t, x: callback("b", i, t, x)) if callback else None)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Stage A: latents -> images in [0, 1] (``decode`` multiplies by the scale factor, no quantisation)."""
+        with self._amp():
+            images = self.stage_a.decode(latents)
+        return images.float().clamp(0, 1)
+
+    # ---------------------------------------------------------------- public entry points
+    @torch.no_grad()
+    def __call__(self, prompts: Prompts = None, negative_prompts: Prompts = None, *,
+                 prior_text_embeds: Tensor | None = None, prior_negative_text_embeds: Tensor | None = None,
+                 decoder_text_embeds: Tensor | None = None, decoder_negative_text_embeds: Tensor | None = None,
+                 height: int = 1024, width: int = 1024, prior_steps: int = 60,
+                 prior_timesteps: Sequence[float] | Tensor | None = None, prior_guidance: float = 4.0,
+                 decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
+                 decoder_guidance: float = 0.0, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                 progress: bool = False, sampler: str = "ddpm") -> Tensor:
+        """Text to images: float tensor (B * num_images_per_prompt, 3, H', W') in [0, 1].
+
+        ``prompts``: a string or a list (different prompts are fine). ``negative_prompts``: one string or one per
+        prompt, used by whichever stage has guidance > 1 (default: the empty prompt). Precomputed text
+        embeddings (B, 77, width) replace the prompts of either stage; without prompts the decoder text defaults
+        to the empty prompt (as diffusers). Use a CPU ``generator`` for results that match diffusers' on any device.
+        ``sampler``: "ddpm" (the paper's, diffusers') or "ddim" (deterministic), for both stages.
+        """
+        prompts = _prompt_list(prompts, "prompts")
+        negatives = _prompt_list(negative_prompts, "negative_prompts")
+        if prompts is None and prior_text_embeds is None:
+            raise ValueError("pass prompts or prior_text_embeds")
+        batch = len(prompts) if prompts is not None else prior_text_embeds.shape[0]
+        if negatives is not None and len(negatives) != batch:
+            if len(negatives) != 1:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts: pass one or one per prompt")
+            negatives = negatives * batch
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        for name, steps in (("prior_steps", prior_steps), ("decoder_steps", decoder_steps)):
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                raise ValueError(f"{name} must be a positive int, got {steps!r}")
+        for timesteps in (prior_timesteps, decoder_timesteps):
+            if timesteps is not None:
+                make_timesteps(timesteps)  # validate before any work
+        n = num_images_per_prompt
+
+        c_text, c_neg = self._text_pair("prior", prompts, negatives, prior_text_embeds, prior_negative_text_embeds,
+                                        batch, prior_guidance)
+        b_text, b_neg = self._text_pair("decoder", prompts, negatives, decoder_text_embeds,
+                                        decoder_negative_text_embeds, batch, decoder_guidance)
+        rep = (lambda e: e.repeat_interleave(n, dim=0) if e is not None else None)
+        image_embeds = self.sample_stage_c(rep(c_text), rep(c_neg), height=height, width=width, steps=prior_steps,
+                                           timesteps=prior_timesteps, guidance=prior_guidance, generator=generator,
+                                           callback=callback, progress=progress, sampler=sampler)
+        latents = self.sample_stage_b(image_embeds, rep(b_text), rep(b_neg), steps=decoder_steps,
+                                      timesteps=decoder_timesteps, guidance=decoder_guidance, generator=generator,
+                                      callback=callback, progress=progress, sampler=sampler)
+        return self.decode(latents)
+
+    def _compressor_embeds(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images in [0, 1] -> raw Semantic Compressor map and the Stage B latent size of the same image."""
+        if self.semantic_compressor is None:
+            raise ValueError("this pipeline has no semantic_compressor (pass one to Pipeline(...) or load a "
+                             "checkpoint folder that has one)")
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {getattr(images, 'shape', type(images))}")
+        f = getattr(getattr(self.stage_a, "config", None), "downscale", 4)
+        h, w = images.shape[-2:]
+        if h % f or w % f:
+            raise ValueError(f"image height and width must be multiples of {f} (Stage A), got {h} x {w}")
+        images = images.to(self.device, torch.float32)
+        with self._amp():
+            if self.compressor_size is None:
+                embeds = self.semantic_compressor.encode(images).float()
+            else:
+                from .models.semantic import preprocess
+
+                scale = self.compressor_size / max(h, w)
+                sized = preprocess(images, (max(1, round(h * scale)), max(1, round(w * scale))))
+                embeds = self.semantic_compressor(sized).float()
+        if getattr(self.semantic_compressor.config, "v2_scaling", False):
+            embeds = embeds * 42 - 1  # Stage B is conditioned on the raw compressor output
+        return embeds, (h // f, w // f)
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, prompts: Prompts = None, *, decoder_text_embeds: Tensor | None = None,
+                    decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
+                    decoder_guidance: float = 0.0, generator: torch.Generator | None = None,
+                    progress: bool = False) -> Tensor:
+        """Image -> Semantic Compressor -> Stage B -> Stage A (paper §3.1, Figure 2's training path): how much of
+        the image survives the 42x compressed map. Same size out as in; text: the caption or the empty prompt."""
+        embeds, size = self._compressor_embeds(images)
+        prompts = _prompt_list(prompts, "prompts")
+        if prompts is not None and len(prompts) != embeds.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {embeds.shape[0]} images")
+        text, neg = self._text_pair("decoder", prompts, None, decoder_text_embeds, None, embeds.shape[0],
+                                    decoder_guidance)
+        latents = self.sample_stage_b(embeds, text, neg, steps=decoder_steps, timesteps=decoder_timesteps,
+                                      guidance=decoder_guidance, latent_size=size, generator=generator,
+                                      progress=progress)
+        return self.decode(latents)
+
+    @torch.no_grad()
+    def variations(self, images: Tensor, num_variations: int = 4, *, decoder_text_embeds: Tensor | None = None,
+                   decoder_steps: int = 12, decoder_guidance: float = 0.0,
+                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Image variation: the image's compressor map -> Stage B with the empty prompt, ``num_variations``
+        different noises per image -> (B * num_variations, 3, H, W); variations of image i are rows
+        ``i*num_variations ...``. What differs between them is what the 16-channel map does not pin down.
+        ``decoder_text_embeds`` (1, L, width) replaces the encoded empty prompt when there is no text encoder."""
+        if num_variations < 1:
+            raise ValueError(f"num_variations must be >= 1, got {num_variations}")
+        embeds, size = self._compressor_embeds(images)
+        embeds = embeds.repeat_interleave(num_variations, dim=0)
+        if decoder_text_embeds is not None:
+            if decoder_text_embeds.dim() != 3 or decoder_text_embeds.shape[0] != 1:
+                raise ValueError(f"decoder_text_embeds must be (1, L, width), got {tuple(decoder_text_embeds.shape)}")
+            decoder_text_embeds = decoder_text_embeds.expand(embeds.shape[0], -1, -1)
+        text, neg = self._text_pair("decoder", None, None, decoder_text_embeds, None, embeds.shape[0],
+                                    decoder_guidance)
+        latents = self.sample_stage_b(embeds, text, neg, steps=decoder_steps, guidance=decoder_guidance,
+                                      latent_size=size, generator=generator, progress=progress)
+        return self.decode(latents)
+
+
+def _locate_networks(root: Path) -> dict[str, Path]:
+    """stage -> checkpoint folder or file inside ``root`` (see ``Pipeline.from_pretrained``)."""
+    found: dict[str, Path] = {}
+    for stage, names in _SUBFOLDERS.items():
+        for name in names:
+            if (root / name / "model.json").is_file() or (root / name / "config.json").is_file():
+                found[stage] = root / name
+                break
+    for stage, pattern in (("c", "*stage_c*.pt"), ("b", "*stage_b*.pt"), ("a", "*vqgan*.pt")):
+        files = sorted(root.glob(pattern))
+        if stage in found or not files:
+            continue
+        if stage == "c" and len(files) > 1:
+            files = [f for f in files if "interpolation" in f.name] or files
+        if len(files) > 1:
+            raise ValueError(f"{root}: several {pattern} files {[f.name for f in files]}; keep one")
+        found[stage] = files[0]
+    if "semantic" not in found and found.get("b", Path()).suffix == ".pt":
+        found["semantic"] = found["b"]  # the released Stage B file also holds 'effnet_state_dict'
+    return found
+
+
+def _load_text_encoders(root: Path, device: str | torch.device) -> dict[str, Any]:
+    """Text encoders stored in a checkpoint folder: transformers CLIP folders (diffusers' names) or open_clip
+    checkpoints written by ``wurst_core.text`` (``text_encoder/`` then serves both stages)."""
+    out: dict[str, Any] = {}
+    for stage, model_dir, tok_dir in (("prior", "prior_text_encoder", "prior_tokenizer"),
+                                      ("decoder", "text_encoder", "tokenizer")):
+        if (root / model_dir / "config.json").is_file() and (root / tok_dir).is_dir():
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            from .text import HFCLIPTextEncoder
+
+            model = CLIPTextModel.from_pretrained(root / model_dir).to(device).eval()
+            out[stage] = HFCLIPTextEncoder(CLIPTokenizer.from_pretrained(root / tok_dir), model)
+    loaded: dict[Path, Any] = {}  # one shared text_encoder/ is loaded once and serves both stages
+    for stage, names in (("prior", ("prior_text_encoder", "text_encoder")),
+                         ("decoder", ("decoder_text_encoder", "text_encoder"))):
+        folder = next((root / n for n in names if (root / n / "model.json").is_file()), None)
+        if stage not in out and folder is not None:
+            if folder not in loaded:
+                loaded[folder] = _load_open_clip_text(folder, device)
+            out[stage] = loaded[folder]
+    return out
+
+
+def _load_open_clip_text(folder: Path, device: str | torch.device) -> Any:
+    from .text import TextEncoder, TinyClipConfig, register_tiny_clip
+
+    meta = json.loads((folder / "model.json").read_text())
+    if "tiny_clip" not in meta:
+        raise ValueError(f"{folder / 'model.json'} is not a wurst_core.text checkpoint (no 'tiny_clip' entry)")
+    name = register_tiny_clip(TinyClipConfig(**meta["tiny_clip"]))
+    return TextEncoder.from_open_clip(name, folder / "model.safetensors", device=device)
+
+
+def generate(prompt: str | Sequence[str], weights_dir: str | os.PathLike, seed: int = 0,
+             out: str | os.PathLike = "image.png", *, device: str | torch.device | None = None,
+             progress: bool = True, **kwargs: Any) -> Path:
+    """``wurst generate``: load ``weights_dir`` (``Pipeline.from_pretrained``), sample with a CPU generator seeded
+    with ``seed`` (same image on CPU and GPU, same as diffusers for the same weights) and save a PNG (a grid for
+    several images). ``kwargs`` go to ``Pipeline.__call__`` (height, width, prior_steps, ...)."""
+    from torchvision.utils import save_image
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.from_pretrained(weights_dir, device=device)
+    images = pipe(prompt, generator=torch.Generator().manual_seed(seed), progress=progress, **kwargs)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, out, nrow=max(1, math.ceil(math.sqrt(images.shape[0]))))
+    return out
+
+
+
+# ============================================================ the sampling study (notebooks/06_sampling.ipynb)
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Parameters of ``notebooks/06_sampling.ipynb``; 0 / "" take the profile's value."""
+
+    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    weights_dir: str = ""          # Pipeline.from_pretrained folder ("": latest 05_stage_c run, else random weights)
+    size: int = 0                  # image height = width in px (0: the training resolution; random/paper: 128/1024)
+    prior_steps: int = 0           # tau_C (paper: 60)
+    decoder_steps: int = 0         # tau_B (paper: 12)
+    prior_guidance: float = 4.0    # Stage C classifier-free guidance (paper and release: 4)
+    decoder_guidance: float = 0.0  # Stage B guidance (paper: 4, release: 0)
+    n_prompts: int = 0
+    n_seeds: int = 0
+    guidances: str = ""            # comma-separated Stage C guidance scales of the sweep
+    step_counts: str = ""          # comma-separated Stage C step counts of the sweep
+    n_reconstruct: int = 0         # held-out images through the reconstruction path
+    seed: int = 0
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        return {"smoke": dict(prior_steps=2, decoder_steps=2, n_prompts=2, n_seeds=2, guidances="1,4",
+                              step_counts="1,2", n_reconstruct=2),
+                "tiny": dict(prior_steps=60, decoder_steps=12, n_prompts=6, n_seeds=4, guidances="1,2,4,8",
+                             step_counts="2,5,10,20,30,60", n_reconstruct=6),
+                "paper": dict(prior_steps=60, decoder_steps=12, n_prompts=4, n_seeds=2, guidances="1,2,4,8",
+                              step_counts="10,20,30,60", n_reconstruct=4)}[profile]
+
+    def numbers(self, field: str) -> list[float]:
+        """A comma-separated parameter (``guidances``, ``step_counts``) as numbers."""
+        text = getattr(self, field)
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError as e:
+            raise ValueError(f"{field} must be comma-separated numbers, got {text!r}") from e
+        if not values:
+            raise ValueError(f"{field} is empty")
+        return values
+
+
+def random_pipeline(profile: str = "tiny", seed: int = 0) -> Pipeline:
+    """Untrained networks (size "tiny"; "parity" for smoke) and a random tiny CLIP: the sampling machinery without a
+    model. The official inits zero the output heads, GRN and timestep mappers; those tensors get N(0, 0.02²) so
+    that text, guidance and the compressor map change the images (the A/B head stays near B = 0)."""
+    from .models import build_model, get_config
+    from .text import TINY_CLIP_SIZES, TextEncoder, create_tiny_clip
+
+    clip_cfg = TINY_CLIP_SIZES["smoke" if profile == "smoke" else "tiny"]
+    text = TextEncoder.from_clip(create_tiny_clip(clip_cfg, seed), clip_cfg.name)
+    size = "parity" if profile == "smoke" else "tiny"
+    torch.manual_seed(seed)
+    nets = [build_model("c", dataclasses.replace(get_config("c", size), c_cond=text.width)),
+            build_model("b", dataclasses.replace(get_config("b", size), clip_embd=text.width)),
+            build_model("a", size), build_model("semantic", "tiny")]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for net in nets:
+            for prm in net.parameters():
+                if prm.numel() and prm.abs().max() == 0:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+    return Pipeline(*nets[:3], text, text, semantic_compressor=nets[3])
+
+
+def load_sampling_pipeline(p: SamplingParams) -> tuple[Pipeline, dict[str, Any]]:
+    """The pipeline the sampling notebook studies and a description: ``weights_dir`` if set, else the latest
+    ``05_stage_c`` run of the profile (its ``checkpoints/pipeline`` and the profile's tiny text encoder), else
+    random weights (``random_pipeline``; not on the paper profile)."""
+    from .runs import latest_run
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if p.weights_dir:
+        pipe = Pipeline.from_pretrained(p.weights_dir, device=device)
+        return pipe, {"weights": str(p.weights_dir), "trained": True, "size": p.size or 1024}
+    run = latest_run("05_stage_c", p.profile)
+    folder = run.checkpoints / "pipeline" if run is not None else None
+    if folder is not None and (folder / "pipeline.json").is_file():
+        text = None
+        if not (folder / "text_encoder").is_dir():
+            from .text import load_tiny_text_encoder
+
+            text = load_tiny_text_encoder(p.profile)
+        pipe = Pipeline.from_pretrained(folder, device=device, prior_text_encoder=text, decoder_text_encoder=text)
+        resolution = json.loads((run.dir / "config.json").read_text()).get("resolution", 64)
+        return pipe, {"weights": f"trained: 05_stage_c/{p.profile}/{run.run_id}", "trained": True,
+                      "size": p.size or int(resolution)}
+    if p.profile == "paper":
+        raise FileNotFoundError("the paper profile samples trained weights: set weights_dir to a folder of released "
+                                "or trained checkpoints (see Pipeline.from_pretrained)")
+    pipe = random_pipeline(p.profile, p.seed).to(device)
+    return pipe, {"weights": "random (untrained: shows the sampling machinery, not a model)", "trained": False,
+                  "size": p.size or 128}
+
+
+def held_out(n: int, size: int, seed: int = 0) -> tuple[Tensor, list[str]]:
+    """``n`` held-out (split "val") procedural images at ``size`` px and their captions."""
+    from .data import make_dataset
+
+    ds = make_dataset("procedural", size=n, resolution=size, seed=seed, split="val")
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def _timed_call(pipe: Pipeline, prompts: list[str], **kw: Any) -> tuple[Tensor, Tensor, float]:
+    """Images, the final Stage C sample (its data space) and seconds per image."""
+    import time
+
+    last: dict[str, Tensor] = {}
+    t0 = time.perf_counter()
+    images = pipe(prompts, callback=lambda stage, i, t, x: last.__setitem__(stage, x), **kw)
+    return images, last["c"], (time.perf_counter() - t0) / images.shape[0]
+
+
+def sample_grid(pipe: Pipeline, prompts: list[str], n_seeds: int, seed: int = 0,
+                **kw: Any) -> tuple[list[Tensor], float]:
+    """``n_seeds`` images per prompt in one batch -> (one row of images per seed, seconds per image)."""
+    images, _, sec = _timed_call(pipe, prompts, num_images_per_prompt=n_seeds,
+                                 generator=torch.Generator().manual_seed(seed), **kw)
+    return [images[s::n_seeds] for s in range(n_seeds)], sec
+
+
+def guidance_sweep(pipe: Pipeline, prompts: list[str], guidances: Sequence[float], seed: int = 0,
+                   **kw: Any) -> tuple[list[Tensor], Any]:
+    """One image per prompt for each Stage C guidance scale, all from the same seed (so only w changes).
+    Table: seconds per image, std of the Stage C sample (CFG pushes it out), per-image pixel std, and mean
+    |image - image at the first w|."""
+    import pandas as pd
+
+    rows, table = [], []
+    for w in guidances:
+        images, c, sec = _timed_call(pipe, prompts, prior_guidance=w, generator=torch.Generator().manual_seed(seed),
+                                     **kw)
+        rows.append(images)
+        table.append({"prior_guidance": w, "seconds_per_image": sec, "stage_c_std": c.std().item(),
+                      "pixel_std": images.flatten(1).std(1).mean().item(),
+                      "l1_to_first": (images - rows[0]).abs().mean().item()})
+    return rows, pd.DataFrame(table)
+
+
+def steps_sweep(pipe: Pipeline, prompts: list[str], step_counts: Sequence[float], seed: int = 0,
+                samplers: Sequence[str] = ("ddpm", "ddim"), **kw: Any) -> tuple[dict[str, list[Tensor]], Any]:
+    """Images for each Stage C step count and sampler (same seed). ``l1_to_most_steps``: mean |image - image with
+    the most steps| of the same sampler: DDIM (deterministic) converges as the steps grow; ancestral DDPM draws
+    different noise for every step count, so it converges only in distribution."""
+    import pandas as pd
+
+    counts = [int(n) for n in step_counts]
+    images: dict[str, list[Tensor]] = {}
+    table = []
+    for sampler in samplers:
+        images[sampler] = []
+        for n in counts:
+            out, c, sec = _timed_call(pipe, prompts, prior_steps=n, sampler=sampler,
+                                      generator=torch.Generator().manual_seed(seed), **kw)
+            images[sampler].append(out)
+            table.append({"sampler": sampler, "prior_steps": n, "seconds_per_image": sec,
+                          "stage_c_std": c.std().item()})
+        ref = images[sampler][counts.index(max(counts))]
+        for row, out in zip(table[-len(counts):], images[sampler]):
+            row["l1_to_most_steps"] = (out - ref).abs().mean().item()
+    return images, pd.DataFrame(table)
+
+
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [0, 1]."""
+    return -10 * torch.log10((a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10))
+
+
+def reconstruction_study(pipe: Pipeline, images: Tensor, captions: list[str], decoder_steps: int = 12,
+                         seed: int = 0) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The paper's reconstruction path (§3.1): image -> Semantic Compressor (42x) -> Stage B -> Stage A, with the
+    caption and with the empty prompt, against Stage A alone (4x, the upper bound). PSNR in dB."""
+    with torch.no_grad():
+        stage_a_only = pipe.decode(pipe.stage_a.encode(images.to(pipe.device)))
+    out = {"Stage A only": stage_a_only,
+           "captioned": pipe.reconstruct(images, captions, decoder_steps=decoder_steps,
+                                         generator=torch.Generator().manual_seed(seed)),
+           "empty prompt": pipe.reconstruct(images, decoder_steps=decoder_steps,
+                                            generator=torch.Generator().manual_seed(seed))}
+    images = images.to(pipe.device)
+    return out, {f"psnr_{k.replace(' ', '_').lower()}": psnr(v, images).mean().item() for k, v in out.items()}
