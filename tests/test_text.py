@@ -1,0 +1,167 @@
+"""Text encoders: offline tokenizer, shapes, layers, parity with transformers, local weights, the tiny CLIP."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+
+import pytest
+import torch
+
+from wurst_core import text as T
+
+SMOKE = T.TINY_CLIP_SIZES["smoke"]
+PROMPTS = ["a large red circle in the top left on a white background", "hi", "word " * 100]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # 2 cores shared by several processes: one intra-op thread avoids oversubscription (much faster here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip(one_thread):
+    """A randomly initialised smoke-size CLIP with perturbed weights (non-trivial norms and biases)."""
+    model = T.create_tiny_clip(SMOKE, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def test_tokenizer_works_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    T._simple_tokenizer.cache_clear()
+    T._bpe_vocab_merges.cache_clear()
+    ids = T.tokenize(PROMPTS)
+    assert ids.shape == (3, 77) and ids.dtype == torch.long
+    assert (ids[:, 0] == T.SOT_ID).all()
+    assert ids[1, :3].tolist() == [T.SOT_ID, ids[1, 1].item(), T.EOT_ID] and (ids[1, 3:] == 0).all()
+    assert ids[2, -1] == T.EOT_ID, "a truncated prompt still ends with <|endoftext|>"
+    hf = T.hf_tokenizer()(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    eot = ids.argmax(-1)
+    for b in range(3):  # same ids up to the end token; HF pads with <|endoftext|>
+        assert torch.equal(hf["input_ids"][b, : eot[b] + 1], ids[b, : eot[b] + 1])
+    with pytest.raises(ValueError, match="list of strings"):
+        T.tokenize([])
+
+
+def test_text_encoder_shapes_and_open_clip_parity(clip):
+    enc = T.TextEncoder.from_clip(clip, SMOKE.name, hf_padding=False)
+    assert enc.width == SMOKE.text_width and enc.embed_dim == SMOKE.embed_dim and enc.context_length == 77
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
+    out = enc(PROMPTS)
+    assert out.tokens.shape == (3, 77, SMOKE.text_width) and out.pooled.shape == (3, SMOKE.embed_dim)
+    ids = T.tokenize(PROMPTS)
+    with torch.no_grad():
+        assert torch.allclose(out.pooled, clip.encode_text(ids), atol=1e-5)
+        x = clip.transformer(clip.token_embedding(ids) + clip.positional_embedding, attn_mask=clip.attn_mask)
+        assert torch.allclose(out.tokens, clip.ln_final(x), atol=1e-5)
+        assert torch.allclose(T.TextEncoder.from_clip(clip, SMOKE.name, layer="pre_norm", hf_padding=False)(PROMPTS).tokens,
+                              x, atol=1e-5)
+    # HF-style padding changes only the positions after the end token; the pooled embedding is unchanged
+    hf = T.TextEncoder.from_clip(clip, SMOKE.name)(PROMPTS)
+    eot = ids.argmax(-1)
+    for b in range(2):
+        assert torch.equal(hf.tokens[b, : eot[b] + 1], out.tokens[b, : eot[b] + 1])
+        assert not torch.allclose(hf.tokens[b, eot[b] + 1:], out.tokens[b, eot[b] + 1:])
+    assert torch.equal(hf.pooled, out.pooled)
+    with pytest.raises(ValueError, match="layer"):
+        T.TextEncoder(enc.text, layer="middle")
+
+
+@pytest.mark.parametrize("layer", T.LAYERS)
+def test_matches_transformers_clip_text_model_as_diffusers_calls_it(clip, layer):
+    enc = T.TextEncoder.from_clip(clip, SMOKE.name, layer=layer)
+    tokenizer, model = T.to_hf(enc, with_projection=True)
+    ours, theirs = enc(PROMPTS), T.HFCLIPTextEncoder(tokenizer, model, layer=layer)(PROMPTS)
+    assert theirs.tokens.shape == (3, 77, SMOKE.text_width)
+    assert torch.allclose(ours.tokens, theirs.tokens, atol=1e-4)
+    assert torch.allclose(ours.pooled, theirs.pooled, atol=1e-4)
+    if layer == "last":  # the plain CLIPTextModel (diffusers' Würstchen pipelines) gives the same tokens
+        _, plain = T.to_hf(enc)
+        assert torch.allclose(T.HFCLIPTextEncoder(tokenizer, plain)(PROMPTS).tokens, ours.tokens, atol=1e-4)
+
+
+def test_from_open_clip_with_local_weights(clip, tmp_path):
+    from safetensors.torch import save_file
+
+    ref = T.TextEncoder.from_clip(clip, SMOKE.name)(PROMPTS)
+    full = {k: v.contiguous() for k, v in clip.state_dict().items()}
+    save_file(full, str(tmp_path / "clip.safetensors"))
+    # an open_clip training checkpoint: {"state_dict": {"module.<key>": ...}}
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in full.items()}}, tmp_path / "clip.pt")
+    for file in ("clip.safetensors", "clip.pt"):
+        enc = T.TextEncoder.from_open_clip(SMOKE.name, tmp_path / file)
+        out = enc(PROMPTS)
+        assert torch.allclose(out.tokens, ref.tokens, atol=1e-6) and torch.allclose(out.pooled, ref.pooled, atol=1e-6)
+        assert not any(p.requires_grad for p in enc.parameters())
+    bigger = dataclasses.replace(SMOKE, text_layers=2)
+    with pytest.raises(ValueError, match="does not match"):
+        T.TextEncoder.from_open_clip(T.register_tiny_clip(bigger), tmp_path / "clip.safetensors")
+    with pytest.raises(FileNotFoundError):
+        T.TextEncoder.from_open_clip(SMOKE.name, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        T.TextEncoder.from_open_clip("ViT-Nonexistent-1")
+
+
+@pytest.mark.parametrize("name,width,params", [("ViT-H-14", 1024, 354_032_640), ("ViT-bigG-14", 1280, 694_659_840)])
+def test_real_architectures_by_name(name, width, params, one_thread):
+    # built on the meta device: shapes and parameter counts without allocating the weights
+    enc = T.TextEncoder.from_open_clip(name, device="meta")
+    assert enc.width == width and sum(p.numel() for p in enc.parameters()) == params
+    out = enc(["a photo of a cat", "a dog"])
+    assert out.tokens.shape == (2, 77, width) and out.pooled.shape == (2, width)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """The smoke tiny CLIP, trained and saved once for the tests below."""
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    training = T.ClipTraining(steps=40, batch_size=32, pool=512, eval_size=64, warmup=5)  # ~15 s on one core
+    model, info = T.train_and_save_tiny_clip("smoke", seed=0, progress=False, directory=directory, training=training)
+    return model, info, directory
+
+
+def test_tiny_clip_retrieval_well_above_chance(trained):
+    _, info, _ = trained
+    m = info["retrieval"]
+    assert info["losses"][-1] < 0.8 * info["losses"][0]
+    assert m["n"] == 64
+    assert m["t2i_top1"] >= 4 * m["chance_top1"], m
+    assert m["t2i_top5"] >= 3 * m["chance_top5"], m
+    assert m["t2i_background"] >= 0.6, m  # chance 1/4
+
+
+def test_tiny_clip_saved_reloaded_frozen_and_cached(trained, monkeypatch):
+    model, info, directory = trained
+    reloaded, cfg, meta = T.load_tiny_clip(directory)
+    assert cfg == SMOKE and meta["retrieval"] == info["retrieval"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+    # the notebooks' entry point: the profile's cached encoder, frozen, equal to the trained text tower
+    shutil.copytree(directory, T.text_encoder_dir("smoke"))
+    monkeypatch.setattr(T, "train_and_save_tiny_clip", lambda *a, **k: pytest.fail("retrained a cached encoder"))
+    enc = T.get_or_train_tiny_text_encoder("smoke")
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    out = enc(PROMPTS)
+    with torch.no_grad():
+        assert torch.allclose(out.pooled, model.encode_text(T.tokenize(PROMPTS)), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no tiny-CLIP checkpoint"):
+        T.load_tiny_text_encoder("tiny")
+
+
+def test_get_or_train_trains_when_missing(monkeypatch, one_thread):
+    monkeypatch.setitem(T.CLIP_TRAINING, "smoke", dataclasses.replace(T.CLIP_TRAINING["smoke"], steps=2, pool=16,
+                                                                     batch_size=8, eval_size=8, warmup=1))
+    assert not (T.text_encoder_dir("smoke") / "model.json").exists()
+    enc = T.get_or_train_tiny_text_encoder("smoke")
+    assert (T.text_encoder_dir("smoke") / "model.safetensors").is_file()
+    assert enc(["a small blue square at the top on a gray background"]).tokens.shape == (1, 77, SMOKE.text_width)
