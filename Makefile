@@ -31,13 +31,13 @@ fonts: ## install Noto Color Emoji (Debian fonts-noto-color-emoji) for the emoji
 
 test: install ## the whole suite: unit tests, then nbval over every notebook on the smoke profile
 	$(PY) -m pytest -m "not slow" tests
-	WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+	OMP_NUM_THREADS=1 WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
 
 test-unit: install ## unit tests only
 	$(PY) -m pytest -m "not slow" tests
 
 test-notebooks: install ## nbval over every notebook on the smoke profile
-	WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+	OMP_NUM_THREADS=1 WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
 
 test-slow: install ## the slow tests (minutes)
 	$(PY) -m pytest -m slow tests

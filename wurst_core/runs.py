@@ -66,8 +66,16 @@ def new_run_id() -> str:
     return os.environ.get("WURST_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
 
 
-def start_run(notebook: str, profile: str, config: Any = None, run_id: str | None = None) -> Run:
-    """Create the run folder and write the resolved ``config.json``."""
+def start_run(notebook: str, profile: str, config: Any = None, run_id: str | None = None, resume: bool = False) -> Run:
+    """Create the run folder and write the resolved ``config.json``.
+
+    ``resume=True`` re-uses the most recent folder of this notebook and profile (finished or killed), so that
+    training continues from the checkpoints it holds.
+    """
+    if resume and run_id is None:
+        base = paths.runs_dir() / notebook / profile
+        previous = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+        run_id = previous[-1] if previous else None
     run_id = run_id or new_run_id()
     d = paths.runs_dir() / notebook / profile / run_id
     d.mkdir(parents=True, exist_ok=True)

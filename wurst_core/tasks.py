@@ -61,14 +61,16 @@ class StageATask(nn.Module):
     """VQGAN training (Esser et al.; our own: the official repositories ship none).
 
     loss = MSE + ``l1_weight``·L1 (reconstruction from the quantised latents) + codebook loss + 0.25·commitment.
-    Dead codes (unused for ``reset_every`` steps) are re-initialised to encoder outputs of the current batch.
+    Dead codes (unused for ``reset_every`` steps) are re-initialised to encoder outputs of the current batch, until
+    step ``reset_until`` (late resets would perturb the converged decoder).
     """
 
-    def __init__(self, stage_a: nn.Module, l1_weight: float = 0.0, reset_every: int = 200):
+    def __init__(self, stage_a: nn.Module, l1_weight: float = 0.0, reset_every: int = 200, reset_until: int | None = None):
         super().__init__()
         self.stage_a = stage_a
         self.l1_weight = l1_weight
         self.reset_every = reset_every
+        self.reset_until = reset_until
         k = stage_a.config.codebook_size
         self.register_buffer("usage", torch.zeros(k))       # uses since the last reset check
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -91,11 +93,15 @@ class StageATask(nn.Module):
 
     @torch.no_grad()
     def _maybe_reset_codes(self, z: torch.Tensor, counts: torch.Tensor, gens: Sequence[torch.Generator]) -> None:
+        first = int(self.calls) == 0
         self.usage += counts
         self.calls += 1
-        if self.reset_every <= 0 or int(self.calls) % self.reset_every:
+        late = self.reset_until is not None and int(self.calls) > self.reset_until
+        if not first and (self.reset_every <= 0 or late or int(self.calls) % self.reset_every):
             return
-        dead = (self.usage == 0).nonzero().flatten()
+        # data-dependent init at the first step: the encoder's BN outputs have unit variance while the codebook starts
+        # near zero, which otherwise collapses usage onto a handful of codes
+        dead = torch.arange(self.usage.numel()) if first else (self.usage == 0).nonzero().flatten()
         if dead.numel():
             flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
             pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=gens[0])

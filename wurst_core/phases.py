@@ -1,0 +1,448 @@
+"""The paper's three training phases (Fig. 3) as functions the training notebooks call.
+
+Each phase: build the networks of its profile, load the upstream phase's checkpoint (the latest run of the upstream
+notebook on the same profile), train with :func:`wurst_core.train.fit`, evaluate on held-out data, save the weights
+(``<run>/checkpoints/<stage>/model.safetensors`` + ``model.json``) and figures. Parameters are frozen dataclasses
+that are also the notebooks' parameter schemas (``profile_defaults`` fills what a notebook leaves at 0 / "").
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import notebook
+from .diffusion import Diffusion
+from .models.semantic import SEMANTIC_SIZES, SemanticCompressor, SemanticCompressorConfig, preprocess
+from .models.stage_a import STAGE_A_SIZES, StageA
+from .models.stage_b import STAGE_B_SIZES, StageB
+from .models.stage_c import STAGE_C_SIZES, StageC
+from .runs import Run, latest_run
+from .tasks import StageATask, StageBTask, StageCTask, TextCache, freeze
+from .train import TrainConfig, fit
+
+STAGE_NOTEBOOKS = {"a": "03_stage_a", "b": "04_stage_b", "c": "05_stage_c"}
+
+
+# ----------------------------------------------------------------------------------------------------- data
+def load_images(kind: str, n: int, resolution: int, seed: int, split: str, data_dir: str = "",
+                progress: bool = True) -> dict[str, Any]:
+    """Materialise ``n`` items of a dataset in memory: {"image": (n,3,H,W), "caption": [...], "attributes": [...]}.
+
+    Rendering dominates tiny CPU runs, so every phase renders its pool once and re-uses it across epochs.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import make_dataset
+
+    kw: dict[str, Any] = {"size": n, "resolution": resolution, "seed": seed, "split": split}
+    if kind == "folder":
+        kw = {"root": data_dir, "resolution": resolution, "seed": seed, "split": split}
+    ds = make_dataset(kind, **kw)
+    n = min(n, len(ds))
+    items = [ds[i] for i in tqdm(range(n), desc=f"render {kind}/{split}", disable=not progress, mininterval=1.0)]
+    return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
+            "attributes": [it.get("attributes") for it in items]}
+
+
+def batch_getter(pool: dict[str, Any]):
+    def get(idx: list[int]) -> dict[str, Any]:
+        return {"image": pool["image"][idx], "caption": [pool["caption"][i] for i in idx]}
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------- params
+@dataclass(frozen=True)
+class PhaseParams:
+    """Settings every phase shares (the leading parameters of notebooks 03-05)."""
+
+    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    dataset: str = notebook.choice("procedural", "procedural", "emoji", "folder")
+    data_dir: str = ""          # folder dataset root (dataset="folder")
+    resolution: int = 0         # training image size in pixels
+    n_train: int = 0            # training images rendered/loaded once and re-used
+    n_val: int = 0              # held-out images for the metrics
+    size: str = ""              # model size registry key
+    steps: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = ""
+    ema_beta: float = 0.0
+    grad_accum: int = 1
+    seed: int = 0
+    resume: bool = False
+
+    def train_config(self) -> TrainConfig:
+        """The optimisation settings; EMA every step after 10 % warm-up on the small profiles."""
+        small = self.profile != "paper"
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           lr_schedule=self.lr_schedule, grad_accum=self.grad_accum, ema_beta=self.ema_beta,
+                           ema_every=1 if small else 100, ema_start=self.steps // 10 if small else 5000,
+                           ckpt_every=max(1, self.steps // 4) if small else 5000,
+                           log_every=max(1, self.steps // 50) if small else 100, seed=self.seed)
+
+
+_COMMON = {
+    "smoke": dict(resolution=64, n_train=32, n_val=16, steps=3, batch_size=8, warmup_steps=1, lr_schedule="constant",
+                  ema_beta=0.9, size="parity"),
+    "tiny": dict(resolution=64, n_train=4000, n_val=256, batch_size=32, lr_schedule="cosine", ema_beta=0.995,
+                 size="tiny"),
+    # paper (official §6a): AdamW lr 1e-4, 10k linear warm-up then constant, EMA beta 0.9 every 100 after 5k
+    "paper": dict(resolution=1024, n_train=10**9, n_val=1000, batch_size=1280, lr=1e-4, warmup_steps=10_000,
+                  lr_schedule="constant", ema_beta=0.9, size="paper", steps=1_500_000),
+}
+
+
+@dataclass(frozen=True)
+class StageAParams(PhaseParams):
+    l1_weight: float = 0.0          # extra L1 reconstruction term
+    reset_every: int = 0            # dead-code reset period in steps (0: profile default)
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        own = {"smoke": dict(steps=3, lr=1e-3, reset_every=2),
+               "tiny": dict(steps=1500, lr=2e-3, warmup_steps=100, reset_every=100),
+               "paper": dict(resolution=256, batch_size=256, reset_every=1000)}[profile]
+        return {**_COMMON[profile], **own}
+
+
+@dataclass(frozen=True)
+class StageBParams(PhaseParams):
+    compressor: str = ""            # Semantic Compressor size (tiny: a small CNN; paper: EfficientNetV2-S)
+    compressor_weights: str = ""    # optional local file with ImageNet (or released) compressor weights
+    sc_size: int = 0                # compressor input size (paper §3.1: 786/768 px -> 24 x 24)
+    p_drop_sc: float = 0.05         # released recipe: 5 % of the compressor embeddings dropped (CFG)
+    p_noise_sc: float = 0.3         # ... 30 % noised with t ~ U(0, 0.5)
+    p_drop_text: float = 0.05
+    sample_steps: int = 0           # Stage B sampling steps for the reconstruction metrics (paper: tau_B = 12)
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        own = {"smoke": dict(steps=3, lr=1e-3, compressor="tiny", sc_size=64, sample_steps=2),
+               "tiny": dict(steps=2000, lr=1e-3, warmup_steps=100, compressor="tiny", sc_size=128, sample_steps=12),
+               "paper": dict(compressor="paper", sc_size=768, sample_steps=12)}[profile]
+        return {**_COMMON[profile], **own}
+
+
+@dataclass(frozen=True)
+class StageCParams(PhaseParams):
+    latent_scaling: str = ""        # "v2": (f+1)/42 as released v2 | "std": unit variance | "none"
+    p_drop_text: float = 0.05       # paper §3.2: text dropped 5 % of the time (CFG)
+    loss_weight: str = "p2"         # paper §3.2: p2 weighting
+    guidance: float = 4.0           # prior CFG for the sample grid (released: 4)
+    sample_steps: int = 0           # tau_C (paper: 60)
+    n_prompts: int = 16             # held-out prompts in the sample grid
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        own = {"smoke": dict(steps=3, lr=1e-3, latent_scaling="std", sample_steps=2),
+               "tiny": dict(steps=2500, lr=1e-3, warmup_steps=100, latent_scaling="std", sample_steps=30),
+               "paper": dict(latent_scaling="v2", sample_steps=60)}[profile]
+        return {**_COMMON[profile], **own}
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def checkpoint_dir(run: Run, stage: str) -> Path:
+    return run.checkpoints / stage
+
+
+def upstream(stage: str, profile: str) -> Run:
+    """The latest run of the notebook that trains ``stage`` on ``profile``; a clear error if there is none."""
+    name = STAGE_NOTEBOOKS[stage]
+    run = latest_run(name, profile)
+    if run is None or not (run.checkpoints / f"stage_{stage}" / "model.json").exists():
+        raise FileNotFoundError(f"no trained Stage {stage.upper()} for profile {profile!r}: run notebooks/{name}.ipynb "
+                                f"first (or `wurst run {name} --profile {profile}`)")
+    return run
+
+
+def load_stage(stage: str, profile: str, name: str | None = None) -> nn.Module:
+    from .weights import load_model
+
+    run = upstream(stage, profile)
+    return load_model(run.checkpoints / (name or f"stage_{stage}"))
+
+
+def text_encoder(profile: str) -> nn.Module:
+    """The frozen conditioning text encoder of a profile: the tiny CLIP of notebook 01 (trained on first use)."""
+    from .text import get_or_train_tiny_text_encoder
+
+    return get_or_train_tiny_text_encoder(profile)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [0, 1]."""
+    mse = (a.clamp(0, 1) - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K = 0.01/0.03) for images in [0, 1]."""
+    c = a.shape[1]
+    x = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-x ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(c, 1, 11, 11).to(a)
+    blur = lambda t: F.conv2d(t, w, groups=c)  # noqa: E731  (valid convolution, no padding artefacts)
+    a = a.clamp(0, 1)
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, bs: int = 64) -> torch.Tensor:
+    return torch.cat([fn(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def image_grid(rows: list[torch.Tensor], titles: list[str] | None = None, captions: list[str] | None = None,
+               scale: float = 1.2):
+    """A matplotlib figure: one row per tensor (N,3,H,W) in [0,1], with optional row titles and column captions."""
+    import matplotlib.pyplot as plt
+
+    n = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(scale * n, scale * len(rows) + (0.6 if captions else 0)),
+                             squeeze=False)
+    for r, imgs in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(imgs[c].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0 and titles:
+                ax.set_ylabel(titles[r], fontsize=8)
+            if r == 0 and captions:
+                ax.set_title("\n".join(_wrap(captions[c], 18)), fontsize=5)
+    fig.tight_layout()
+    return fig
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width and cur:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return lines + [cur]
+
+
+def loss_figure(history: pd.DataFrame, keys: tuple[str, ...] = ("loss",)):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        if k in history:
+            ax.plot(history["step"], history[k])
+            ax.set_xlabel("step"), ax.set_title(k)
+            if k in ("loss", "mse", "vq"):
+                ax.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def _ema_into(task: nn.Module, ckpt: Path) -> None:
+    """Load the EMA weights of the finished run into ``task`` (evaluation and export use EMA weights)."""
+    from .train import EMA, load_training_state
+
+    state = load_training_state(ckpt / "train_state.pt")
+    ema = EMA(task)
+    ema.load_state_dict(state["ema"])
+    ema.copy_to(task)
+
+
+# ----------------------------------------------------------------------------------------------------- Stage A
+@dataclass
+class PhaseResult:
+    history: pd.DataFrame
+    metrics: dict[str, float]
+    models: dict[str, nn.Module]
+    figures: dict[str, Path]
+
+
+def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResult:
+    """Stage A: the f4 VQGAN, reconstruction + codebook + 0.25 commitment, dead-code resets."""
+    from .weights import save_model
+
+    t0 = time.time()
+    train_pool = load_images(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, progress)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    _seed_all(p.seed)
+    model = StageA(STAGE_A_SIZES[p.size])
+    task = StageATask(model, l1_weight=p.l1_weight, reset_every=p.reset_every,
+                      reset_until=p.steps * p.grad_accum // 2)
+    ckpt = checkpoint_dir(run, "train_a")
+    t1 = time.time()
+    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
+                  progress=progress)
+    train_seconds = time.time() - t1
+    _ema_into(task, ckpt)
+    model.eval()
+    metrics = stage_a_metrics(model, val["image"])
+    metrics.update(train_seconds=train_seconds, wall_seconds=time.time() - t0, steps=p.steps,
+                   parameters=sum(q.numel() for q in model.parameters()))
+    save_model(model, checkpoint_dir(run, "stage_a"))
+    with torch.no_grad():
+        x = val["image"][:8]
+        figs = {"reconstructions": save_figure(image_grid(
+            [x, model.decode(model.encode(x)), model.decode(model.encode(x, quantize=True))],
+            ["input", "unquantised", "quantised"]), run.figure("reconstructions")),
+            "loss": save_figure(loss_figure(history, ("loss", "psnr", "perplexity")), run.figure("loss"))}
+    return PhaseResult(history, metrics, {"stage_a": model}, figs)
+
+
+@torch.no_grad()
+def stage_a_metrics(model: StageA, images: torch.Tensor) -> dict[str, float]:
+    rec = _batched(lambda x: model.decode(model.encode(x)), images)
+    rec_q = _batched(lambda x: model.decode(model.encode(x, quantize=True)), images)
+    idx = _batched(lambda x: model.quantize(model._encode_raw(x))[1], images)
+    counts = torch.bincount(idx.flatten(), minlength=model.config.codebook_size).float()
+    prob = counts / counts.sum()
+    return {"psnr": psnr(rec, images).mean().item(), "psnr_quantized": psnr(rec_q, images).mean().item(),
+            "ssim": ssim(rec, images).mean().item(), "ssim_quantized": ssim(rec_q, images).mean().item(),
+            "codebook_perplexity": math.exp(-(prob[prob > 0] * prob[prob > 0].log()).sum().item()),
+            "codebook_used": int((counts > 0).sum()), "codebook_size": model.config.codebook_size}
+
+
+# ----------------------------------------------------------------------------------------------------- Stage B
+def _stage_b_config(p: StageBParams, text_width: int):
+    return dataclasses.replace(STAGE_B_SIZES[p.size], clip_embd=text_width)
+
+
+def train_stage_b(p: StageBParams, run: Run, progress: bool = True) -> PhaseResult:
+    """Stage B with the Semantic Compressor trained jointly (paper §3.1)."""
+    from .weights import load_model, save_model
+
+    t0 = time.time()
+    stage_a = freeze(load_stage("a", p.profile))
+    text = TextCache(text_encoder(p.profile))
+    train_pool = load_images(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, progress)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    _seed_all(p.seed)
+    comp_cfg: SemanticCompressorConfig = dataclasses.replace(SEMANTIC_SIZES[p.compressor], image_size=p.sc_size)
+    compressor = SemanticCompressor(comp_cfg)
+    if p.compressor_weights:
+        loaded = load_model(p.compressor_weights, "semantic")
+        compressor.load_state_dict(loaded.state_dict())
+    stage_b = StageB(_stage_b_config(p, text.encoder.width))
+    task = StageBTask(stage_b, stage_a, compressor, text, sc_size=p.sc_size, p_drop_sc=p.p_drop_sc,
+                      p_noise_sc=p.p_noise_sc, p_drop_text=p.p_drop_text)
+    ckpt = checkpoint_dir(run, "train_b")
+    t1 = time.time()
+    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
+                  progress=progress)
+    train_seconds = time.time() - t1
+    _ema_into(task, ckpt)
+    task.eval()
+    pipe = tiny_pipeline(None, stage_b, stage_a, text.encoder, compressor, "none", 0.0, 1.0, p.resolution, p.sc_size)
+    recon = torch.cat([pipe.reconstruct(val["image"][i:i + 64], val["caption"][i:i + 64], decoder_steps=p.sample_steps,
+                                        generator=torch.Generator().manual_seed(p.seed + i))
+                       for i in range(0, len(val["caption"]), 64)])
+    n_fig = min(8, len(recon))
+    metrics = {"reconstruction_psnr": psnr(recon, val["image"]).mean().item(),
+               "reconstruction_ssim": ssim(recon, val["image"]).mean().item(),
+               "stage_a_ceiling_psnr": psnr(_batched(lambda x: stage_a.decode(stage_a.encode(x)), val["image"]),
+                                            val["image"]).mean().item(),
+               "sc_latent_shape": list(task.compressor(preprocess(val["image"][:1], p.sc_size)).shape[1:]),
+               "train_seconds": train_seconds, "wall_seconds": time.time() - t0, "steps": p.steps,
+               "parameters_stage_b": sum(q.numel() for q in stage_b.parameters()),
+               "parameters_compressor": sum(q.numel() for q in compressor.parameters())}
+    save_model(stage_b, checkpoint_dir(run, "stage_b"))
+    save_model(compressor, checkpoint_dir(run, "semantic"))
+    figs = {"reconstructions": save_figure(image_grid([val["image"][:n_fig], recon[:n_fig]],
+                                                      ["input", "A(B(sc))"], val["caption"][:n_fig]),
+                                           run.figure("reconstructions")),
+            "loss": save_figure(loss_figure(history), run.figure("loss"))}
+    return PhaseResult(history, metrics, {"stage_b": stage_b, "semantic": compressor}, figs)
+
+
+# ----------------------------------------------------------------------------------------------------- Stage C
+def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResult:
+    """Stage C: text-conditional diffusion at the compressor's resolution (paper §3.2)."""
+    from .weights import save_model
+
+    t0 = time.time()
+    b_run = upstream("b", p.profile)
+    from .weights import load_model
+
+    compressor = freeze(load_model(b_run.checkpoints / "semantic"))
+    text = TextCache(text_encoder(p.profile))
+    b_params = __import__("json").loads((b_run.dir / "config.json").read_text())
+    sc_size = int(b_params["sc_size"])
+    train_pool = load_images(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, progress)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    # unit-variance statistics of the frozen compressor's latents ("std" scaling)
+    f = _batched(lambda x: compressor(preprocess(x, sc_size)), train_pool["image"][:512])
+    mean, std = f.mean().item(), f.std().item()
+    _seed_all(p.seed)
+    cfg = dataclasses.replace(STAGE_C_SIZES[p.size], c_cond=text.encoder.width, c_in=compressor.config.c_latent)
+    stage_c = StageC(cfg)
+    task = StageCTask(stage_c, compressor, text, Diffusion(weight=p.loss_weight), sc_size=sc_size,
+                      p_drop_text=p.p_drop_text, latent_scaling=p.latent_scaling, latent_mean=mean, latent_std=std)
+    ckpt = checkpoint_dir(run, "train_c")
+    t1 = time.time()
+    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
+                  progress=progress)
+    train_seconds = time.time() - t1
+    _ema_into(task, ckpt)
+    task.eval()
+    save_model(stage_c, checkpoint_dir(run, "stage_c"))
+    from .io import write_json
+
+    write_json(checkpoint_dir(run, "stage_c") / "latent_scaling.json",
+               {"latent_scaling": p.latent_scaling, "mean": mean, "std": std, "sc_size": sc_size})
+    pipe = tiny_pipeline(stage_c, load_stage("b", p.profile), load_stage("a", p.profile), text.encoder, compressor,
+                         p.latent_scaling, mean, std, p.resolution, sc_size)
+    from .text import text_encoder_dir
+
+    pipe.save(checkpoint_dir(run, "pipeline"), text_encoder_dir=text_encoder_dir(p.profile))
+    prompts = val["caption"][:p.n_prompts]
+    images = pipe(prompts, height=p.resolution, width=p.resolution, prior_steps=p.sample_steps,
+                  prior_guidance=p.guidance, decoder_steps=12 if p.profile != "smoke" else 2,
+                  generator=torch.Generator().manual_seed(p.seed), progress=progress)
+    metrics = {"final_loss": float(history["loss"].iloc[-5:].mean()), "train_seconds": train_seconds,
+               "wall_seconds": time.time() - t0, "steps": p.steps, "latent_mean": mean, "latent_std": std,
+               "parameters_stage_c": sum(q.numel() for q in stage_c.parameters())}
+    cols = min(8, len(prompts))
+    rows = [images[i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
+    truth = [val["image"][i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
+    grid = [r for pair in zip(truth, rows) for r in pair]
+    titles = [t for _ in rows for t in ("held-out real", "generated")]
+    figs = {"samples": save_figure(image_grid(grid, titles, prompts[:cols]), run.figure("samples")),
+            "loss": save_figure(loss_figure(history), run.figure("loss"))}
+    return PhaseResult(history, metrics, {"stage_c": stage_c, "pipeline": pipe}, figs)
+
+
+def tiny_pipeline(stage_c: nn.Module | None, stage_b: nn.Module, stage_a: nn.Module, text: nn.Module,
+                  compressor: nn.Module, scaling: str, mean: float, std: float, resolution: int, sc_size: int):
+    """A :class:`~wurst_core.pipeline.Pipeline` over workbench-trained networks whose compression ratios differ
+    from the released 42.67 / 10.67 (e.g. 64 px images, 4 x 4 compressor latents, 16 x 16 Stage A latents)."""
+    from .pipeline import Pipeline
+
+    c_side = compressor(torch.zeros(1, 3, sc_size, sc_size)).shape[-1]
+    b_side = resolution // stage_a.config.downscale
+    return Pipeline(stage_c, stage_b, stage_a, text, text, semantic_compressor=compressor, stage_c_scaling=scaling,
+                    stage_c_mean=mean, stage_c_std=std, resolution_multiple=resolution / c_side,
+                    latent_dim_scale=b_side / c_side, compressor_size=sc_size)
