@@ -1,0 +1,316 @@
+"""Evaluation on known cases: FID/KID/IS, the PickScore procedure, the compositional probe, tables, carbon, loaders."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from wurst_core import evaluate as E
+from wurst_core.evaluation import probe as P
+from wurst_core.data.procedural import ProceduralDataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 cores shared by several processes: one intra-op thread avoids OpenMP oversubscription (~20x faster here)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def render(split: str, n: int, resolution: int = 48, seed: int = 0):
+    ds = ProceduralDataset(size=n, resolution=resolution, seed=seed, split=split)
+    items = [ds[i] for i in range(n)]
+    return torch.stack([it["image"] for it in items]), [it["attributes"] for it in items], [it["caption"] for it in items]
+
+
+# ----------------------------------------------------------------------------------------------- carbon, tables
+def test_carbon_reproduces_the_paper():
+    assert E.carbon_kg(24_602, watts=250, kg_per_kwh=0.37) == 2275.68  # the calculator's rounding (toFixed(2))
+    assert round(E.carbon_kg(24_602, 250, 0.37)) == 2276  # Table 2: Würstchen 2,276 kg
+    assert E.carbon_kg(200_000, 250, 0.30) == 15_000  # SD 2.1 model card
+    assert E.carbon_kg(150_000, 250, 0.30) == 11_250  # SD 1.4 model card
+    with pytest.raises(ValueError, match="gpu_hours"):
+        E.carbon_kg(-1)
+
+
+def test_table2_estimates_missing_carbon_and_keeps_given():
+    rows = [E.Table2Row("ours", params=1e6, sampling_steps=60, fid=E.Estimate(3.0, 2.0, 4.0), inception_score=2.5,
+                        gpu_hours=24_602),
+            E.Table2Row("given", gpu_hours=1.0, carbon_kg=7.0), E.Table2Row("unknown")]
+    df = E.table2(rows, "FID_tiny", "IS_tiny")
+    assert df.loc["ours", "Est. carbon [kg CO2eq]"] == 2275.68
+    assert df.loc["given", "Est. carbon [kg CO2eq]"] == 7.0
+    assert math.isnan(df.loc["unknown", "Est. carbon [kg CO2eq]"])
+    assert df.loc["ours", "FID_tiny"] == 3.0 and df.loc["ours", "FID_tiny 95% CI"] == "[2, 4]"
+    paper = E.table2(E.PAPER_TABLE2)
+    assert paper.loc["Würstchen (paper)", "GPU hours"] == 24_602
+
+
+def test_table1_pairwise_preference():
+    scores = {"A": torch.tensor([5.0, 5.0, 5.0, 5.0]), "B": torch.tensor([1.0, 1.0, 9.0, 5.0]),
+              "C": torch.zeros(4)}
+    one_row = E.table1(scores, reference="A", n_boot=50)
+    assert list(one_row.index) == ["A"] and list(one_row.columns) == ["B", "C"]
+    assert one_row.loc["A", "B"].startswith("62.5 [")  # 2 wins, 1 loss, 1 tie (half) of 4
+    assert one_row.loc["A", "C"].startswith("100.0 [100.0, 100.0]")
+    full = E.table1(scores, n_boot=50)
+    assert full.shape == (3, 3) and full.loc["C", "A"].startswith("0.0")
+    with pytest.raises(ValueError, match="reference"):
+        E.table1(scores, reference="Z")
+
+
+# ----------------------------------------------------------------------------------------------------- stats
+def test_bootstrap_is_seeded_and_leaves_the_global_rng_alone():
+    values = torch.tensor([0.0, 1.0] * 20)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = E.mean_ci(values, seed=7)
+    after = torch.rand(1)
+    assert torch.equal(before, after), "bootstrap must not consume the global RNG"
+    assert a == E.mean_ci(values, seed=7) and a != E.mean_ci(values, seed=8)
+    assert a.value == 0.5 and a.low < 0.5 < a.high and a.n == 40
+    assert E.mean_ci(torch.ones(10)).as_dict()["low"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------- FID / KID / IS
+def test_fid_kid_of_a_set_against_itself_is_zero_and_grow_with_a_shift():
+    torch.manual_seed(0)
+    probe = E.AttributeProbe(E.ProbeSpec.procedural(), E.PROBE_SIZES["tiny"]).eval()  # random-weight features
+    x = E.ProbeExtractor(probe)
+    images, _, _ = render("val", 96)
+    real = E.extract(x, images)
+    assert real.features.shape == (96, probe.num_features) and real.label == "_tiny"
+    fids, kids = [], []
+    for shift in (0.0, 0.05, 0.15, 0.3):
+        fake = E.extract(x, (images + shift).clamp(0, 1))
+        fids.append(E.fid(real, fake, n_boot=5).value)
+        kids.append(E.kid(real, fake, subsets=5, subset_size=50, n_boot=5).value)
+    assert abs(fids[0]) < 1e-3 and abs(kids[0]) < 1e-3
+    assert fids[0] < fids[1] < fids[2] < fids[3] and kids[1] < kids[2] < kids[3]
+
+    # the precomputed-features path equals torchmetrics driven by the network itself
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Features(nn.Module):
+        num_features = probe.num_features
+
+        def forward(self, imgs):
+            return probe.features(imgs)
+
+    fake = (images + 0.15).clamp(0, 1)
+    direct = FrechetInceptionDistance(feature=Features())
+    direct.update(images, real=True)
+    direct.update(fake, real=False)
+    assert float(direct.compute()) == pytest.approx(fids[2], rel=1e-4)
+
+
+def test_inception_score_known_cases():
+    c = 6
+    uniform = E.FeatureSet(torch.zeros(60, 2), torch.zeros(60, c), "_t")  # no information: IS = 1
+    assert E.inception_score(uniform, splits=3, n_boot=5).value == pytest.approx(1.0, abs=1e-5)
+    confident = E.FeatureSet(torch.zeros(60, 2), 50 * torch.eye(c).repeat(10, 1), "_t")  # sure and diverse: IS = C
+    est = E.inception_score(confident, splits=1, n_boot=20)  # one split: the marginal is exactly uniform
+    assert est.value == pytest.approx(c, rel=1e-3) and est.low <= c * 1.001
+    assert 1 < E.inception_score(confident, splits=3, n_boot=5).value < c  # splits see uneven class counts
+    collapsed = E.FeatureSet(torch.zeros(60, 2), 50 * torch.eye(c)[[0] * 60], "_t")  # sure, one class: IS = 1
+    assert E.inception_score(collapsed, splits=3, n_boot=5).value == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="different extractors"):
+        E.fid(uniform, E.FeatureSet(torch.zeros(60, 3), torch.zeros(60, c), "_t"))
+
+
+def _fidelity_random_state_dict():
+    """A random state dict of torch-fidelity's InceptionV3 (the format of its released weights file)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    captured = {}
+    original = (fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict)
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, strict=True: captured.update(self.state_dict())
+    try:
+        torch.manual_seed(0)
+        fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = original
+    g = torch.Generator().manual_seed(0)
+    for k, v in captured.items():  # He-scaled conv weights, so that the features are not degenerate (~1e-7)
+        if k.endswith(".weight") and v.dim() == 4:
+            captured[k] = torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel())
+        elif k.endswith("running_var"):
+            captured[k] = torch.ones_like(v)
+    return captured
+
+
+@pytest.mark.slow
+def test_standard_inception_path_from_a_weights_file(tmp_path):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(_fidelity_random_state_dict(), path)
+    x = E.InceptionExtractor(path)
+    images, _, _ = render("val", 6, resolution=64)
+    fake = (images + 0.3).clamp(0, 1)
+    real_set, fake_set = E.extract(x, images), E.extract(x, fake)
+    assert real_set.features.shape == (6, 2048) and real_set.logits.shape == (6, 1008) and real_set.label == ""
+    assert real_set.features.std(0).mean() > 1e-4, "features must not be degenerate"
+    ours = E.fid(real_set, fake_set, n_boot=2).value
+    assert E.fid(real_set, real_set, n_boot=2).value == pytest.approx(0.0, abs=1e-3 * ours) and ours > 0
+    # the same number as torchmetrics' own Inception FID on the images resized to 256 px (paper §4)
+    ref = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
+    ref.update(torch.nn.functional.interpolate(images, size=256, mode="bicubic", antialias=True).clamp(0, 1), real=True)
+    ref.update(torch.nn.functional.interpolate(fake, size=256, mode="bicubic", antialias=True).clamp(0, 1), real=False)
+    assert float(ref.compute()) == pytest.approx(ours, rel=1e-3)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        E.InceptionExtractor(tmp_path / "missing.pth")
+
+
+# ---------------------------------------------------------------------------------- PickScore and CLIP score
+def _constant_images(colors: list[list[float]], size: int = 8) -> torch.Tensor:
+    return torch.tensor(colors).view(-1, 3, 1, 1).expand(-1, 3, size, size).clone()
+
+
+def _lookup_judge(text_table: dict[str, list[float]], logit_scale: float = 100.0) -> E.ClipJudge:
+    """Images embed as their (constant) colour; prompts as a table entry: every score is known in closed form."""
+    return E.ClipJudge(encode_image=lambda x: x.mean((2, 3)), encode_text=lambda t: torch.tensor([text_table[s] for s in t]),
+                       logit_scale=logit_scale, image_size=8, mean=(0, 0, 0), std=(1, 1, 1), name="lookup")
+
+
+def test_pickscore_procedure_on_constructed_embeddings():
+    judge = _lookup_judge({"p0": [1, 0, 0], "p1": [0, 1, 0], "p2": [0, 0, 1], "p3": [1, 1, 0]})
+    prompts = ["p0", "p1", "p2", "p3"]
+    a = _constant_images([[0.9, 0, 0], [0, 0.2, 0], [0, 0, 1], [0.5, 0.5, 0]])  # aligned (norm is irrelevant)
+    b = _constant_images([[0, 1, 0], [0, 0.5, 0.5], [0, 0, 0.3], [1, 0, 0]])  # cos 0, 1/sqrt2, 1, 1/sqrt2
+    scores = E.pick_scores(judge, prompts, {"A": a, "B": b})
+    expected_b = 100 * torch.tensor([0.0, 1 / math.sqrt(2), 1.0, 1 / math.sqrt(2)])
+    assert torch.allclose(scores["A"], torch.full((4,), 100.0, dtype=scores["A"].dtype), atol=1e-4)
+    assert torch.allclose(scores["B"], expected_b.to(scores["B"].dtype), atol=1e-4)
+    probs = E.preference_probs(torch.stack([scores["A"], scores["B"]], -1))
+    assert torch.allclose(probs.sum(-1), torch.ones(4, dtype=probs.dtype))
+    assert probs[0, 0] > 0.999 and probs[2, 0] == pytest.approx(0.5, abs=1e-4)
+    outcomes = E.pairwise_outcomes(scores["A"], scores["B"], tie_tol=1e-3)  # prompt 2: equal scores -> tie
+    assert outcomes.tolist() == [1.0, 1.0, 0.5, 1.0]
+    assert E.win_rate(scores["A"], scores["B"], tie_tol=1e-3, n_boot=50).value == 87.5
+    assert E.win_rate(scores["B"], scores["A"], tie_tol=1e-3, n_boot=50).value == 12.5
+    # CLIP score = max(100 * mean cos, 0), the clamp on the mean (torchmetrics)
+    assert E.clip_score(judge, prompts, b, n_boot=20).value == pytest.approx(100 * expected_b.mean().item() / 100, abs=1e-3)
+    assert E.clip_score(judge, ["p0"] * 2, _constant_images([[0, 1, 0], [-1, 0.2, 0]]), n_boot=5).value == 0.0
+    with pytest.raises(ValueError, match="one image per prompt"):
+        judge.scores(prompts, a[:3])
+
+
+def test_open_clip_and_transformers_judges_and_local_pickscore(tmp_path):
+    import open_clip
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    oc = open_clip.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=8),
+                        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    images, _, captions = render("val", 3, resolution=40)
+    judge = E.ClipJudge.from_open_clip(oc)
+    with torch.no_grad():
+        x = E.clip_preprocess(images, 32)
+        want = torch.nn.functional.cosine_similarity(oc.encode_image(x), oc.encode_text(open_clip.tokenize(captions)))
+    assert judge.image_size == 32 and torch.allclose(judge.cosine(captions, images), want, atol=1e-5)
+    assert torch.allclose(judge.scores(captions, images), oc.logit_scale.exp().item() * want, atol=1e-4)
+
+    cfg = CLIPConfig(projection_dim=16, text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=1, num_attention_heads=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8))
+    hf = CLIPModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "PickScore_v1")
+    ps = E.load_pickscore(tmp_path / "PickScore_v1")
+    ids = open_clip.tokenize(captions)
+    mask = (torch.arange(77) <= ids.argmax(-1, keepdim=True)).long()
+    with torch.no_grad():  # transformers 5 returns BaseModelOutputWithPooling: the embedding is pooler_output
+        img = hf.get_image_features(pixel_values=E.clip_preprocess(images, 32)).pooler_output
+        txt = hf.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    want = torch.nn.functional.cosine_similarity(img, txt)
+    assert ps.name == "PickScore_v1" and torch.allclose(ps.cosine(captions, images), want, atol=1e-5)
+    assert ps.logit_scale == pytest.approx(hf.logit_scale.exp().item())
+    with pytest.raises(FileNotFoundError, match="PickScore"):
+        E.load_pickscore(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------------------------------------------ probe
+def test_scene_checks_define_all_correct_exactly():
+    spec = E.ProbeSpec.procedural()
+    red_circle = {"shape": "circle", "color": "red", "size": "small", "hpos": "left", "vpos": "top"}
+    blue_square = {"shape": "square", "color": "blue", "size": "large", "hpos": "right", "vpos": "bottom"}
+    truth = {"background": "white", "count": 2, "objects": [red_circle, blue_square]}
+    assert all(E.scene_checks(truth, truth, spec).values())
+    swapped = {"background": "white", "objects": [{**red_circle, "color": "blue"}, {**blue_square, "color": "red"}]}
+    c = E.scene_checks(swapped, truth, spec)  # a binding error: right colours, wrong objects
+    assert c["color"] and c["shape"] and c["position"] and c["count"] and not c["all_correct"]
+    moved = {"background": "white", "objects": [{**red_circle, "hpos": "center"}, blue_square]}
+    c = E.scene_checks(moved, truth, spec)
+    assert not c["position"] and c["shape"] and not c["all_correct"]
+    c = E.scene_checks({"background": "black", "objects": [red_circle]}, truth, spec)
+    assert not c["count"] and not c["background"] and not c["all_correct"]
+    with pytest.raises(ValueError, match="unknown color"):
+        P.encode_targets(spec, [{"background": "white", "objects": [{**red_circle, "color": "teal"}]}])
+
+
+def test_probe_reads_held_out_real_images(one_thread):
+    spec = E.ProbeSpec.procedural()
+    cfg = E.PROBE_SIZES["tiny"]
+    train_x, train_a, _ = render("train", 3000, cfg.resolution)
+    probe = E.train_probe(train_x, train_a, spec, cfg, E.ProbeTraining(steps=800))
+    test_x, test_a, captions = render("test", 300, resolution=64)  # other size: the probe resizes
+    ceiling = E.compositional_accuracy(probe, test_x, test_a, n_boot=100)
+    assert ceiling.accuracy["all_correct"].value >= 95.0, ceiling.accuracy
+    for attr in ("count", "position", "background", "shape", "color", "size"):
+        assert ceiling.accuracy[attr].value >= ceiling.accuracy["all_correct"].value
+    # truths from the captions alone (what a prompt states) give the same scores
+    from wurst_core.data.procedural import parse_caption
+
+    assert E.compositional_accuracy(probe, test_x, [parse_caption(c) for c in captions]).as_dict() == ceiling.as_dict()
+    floor = E.compositional_accuracy(probe, test_x, E.chance_truths(test_a), n_boot=20)
+    noise = E.compositional_accuracy(probe, torch.rand(50, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+                                     test_a[:50], n_boot=20)
+    assert floor.accuracy["all_correct"].value < 5 and noise.accuracy["all_correct"].value < 5
+    out = probe(test_x[:8])  # IS logits: a log-distribution over (shape x colour of the first object) + "none"
+    assert out["is"].shape == (8, 3 * 6 + 1)
+    assert torch.allclose(out["is"].logsumexp(-1), torch.zeros(8), atol=1e-4)
+    first = [min(scene["objects"], key=P.cell_index) for scene in probe.predict(test_x[:8])]
+    assert out["is"].argmax(-1).tolist() == [spec.fields["shape"].index(o["shape"]) * 6
+                                             + spec.fields["color"].index(o["color"]) for o in first]
+
+
+# ------------------------------------------------------------------------------------------ generators, prompts
+def test_generators_and_generate():
+    imgs = torch.rand(4, 3, 16, 16)
+    prompts = ["a", "b", "c", "d"]
+    assert torch.equal(E.generate(E.lookup_generator(prompts, imgs), ["c", "a"]), imgs[[2, 0]])
+    shuffled = E.generate(E.shuffled_generator(prompts, imgs, seed=3), prompts, batch_size=3)
+    assert all(not torch.equal(shuffled[i], imgs[i]) for i in range(4))
+    assert sorted(shuffled.sum((1, 2, 3)).tolist()) == sorted(imgs.sum((1, 2, 3)).tolist())
+    noise = E.generate(E.noise_generator(8, seed=1), prompts, size=12)
+    assert noise.shape == (4, 3, 12, 12) and 0 <= noise.min() and noise.max() <= 1
+    with pytest.raises(ValueError, match="must return"):
+        E.generate(lambda p: torch.rand(len(p), 1, 8, 8), prompts)
+
+
+def test_prompt_loaders(tmp_path):
+    coco = {"images": [], "annotations": [{"image_id": i // 2, "id": i, "caption": f"  caption {i}\n"} for i in range(10)]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(coco))
+    assert E.load_coco_captions(tmp_path / "captions_val2014.json", n=None) == [f"caption {i}" for i in range(0, 10, 2)]
+    drawn = E.load_coco_captions(tmp_path / "captions_val2014.json", n=3, seed=1)
+    assert len(drawn) == 3 and drawn == E.load_coco_captions(tmp_path / "captions_val2014.json", n=3, seed=1)
+    assert len(E.load_coco_captions(tmp_path / "captions_val2014.json", n=None, one_per_image=False)) == 10
+    lines = [json.dumps({"dataset_id": "mscoco_val2017", "image_id": str(i), "caption": f"narrative {i}"}) for i in range(4)]
+    (tmp_path / "ln.jsonl").write_text("\n".join(lines) + "\n")
+    assert E.load_localized_narratives(tmp_path / "ln.jsonl", n=None) == [f"narrative {i}" for i in range(4)]
+    (tmp_path / "PartiPrompts.tsv").write_text("Prompt\tCategory\tChallenge\tNote\nA cat\tAnimals\tBasic\t\n"
+                                               "A red car\tVehicles\tColors\t\nA dog\tAnimals\tBasic\t\n")
+    assert E.load_parti_prompts(tmp_path / "PartiPrompts.tsv") == ["A cat", "A red car", "A dog"]
+    assert E.load_parti_prompts(tmp_path / "PartiPrompts.tsv", category="Animals") == ["A cat", "A dog"]
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        E.load_parti_prompts(tmp_path / "missing.tsv")
+    with pytest.raises(ValueError, match="COCO"):
+        E.load_coco_captions(tmp_path / "ln.jsonl")

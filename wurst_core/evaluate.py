@@ -1,0 +1,44 @@
+"""Evaluation: the paper's metrics and tables without downloads, and exact compositional accuracy (issue 6).
+
+The public surface of ``wurst_core.evaluation`` (one module per topic):
+
+* ``stats``: :class:`Estimate`, :func:`bootstrap`, :func:`mean_ci` (fixed-seed bootstrap CIs for every metric).
+* ``probe``: :class:`AttributeProbe` trained on real images (:func:`train_probe`) and
+  :func:`compositional_accuracy` (per attribute and all-correct, against the prompt's ground truth).
+* ``image_metrics``: FID / KID / IS through torchmetrics on features of :class:`ProbeExtractor` (FID_tiny, ...)
+  or :class:`InceptionExtractor` (the standard InceptionV3 from a local weights file).
+* ``preference``: :class:`ClipJudge` (open_clip or transformers CLIP), :func:`clip_score`, the PickScore
+  procedure (:func:`pick_scores`, :func:`preference_probs`, :func:`win_rate`), :func:`load_pickscore`.
+* ``prompts``: COCO captions, Localized Narratives and PartiPrompts loaders for local files.
+* ``tables``: :func:`table1`, :func:`table2`, :func:`carbon_kg`, :data:`PAPER_TABLE2`.
+* ``generators``: ``prompts -> images`` callables and reference rows; ``study``: the notebook's evaluation.
+"""
+from __future__ import annotations
+
+from .evaluation.generators import (Generator, generate, lookup_generator, noise_generator, pipeline_generator,
+                                    shuffled_generator)
+from .evaluation.image_metrics import (FID_SIZE, IS_SIZE, FeatureSet, InceptionExtractor, ProbeExtractor, extract,
+                                       fid, image_quality, inception_score, kid)
+from .evaluation.preference import (ClipJudge, clip_preprocess, clip_score, load_pickscore, pairwise_outcomes,
+                                    pick_scores, preference_probs, win_rate)
+from .evaluation.probe import (PROBE_SIZES, AttributeProbe, CompositionalResult, ProbeConfig, ProbeSpec,
+                               ProbeTraining, chance_truths, compositional_accuracy, scene_checks, train_probe)
+from .evaluation.prompts import load_coco_captions, load_localized_narratives, load_parti_prompts
+from .evaluation.stats import Estimate, bootstrap, mean_ci
+from .evaluation.study import (EvaluationParams, EvaluationResult, compositional_figure, run_evaluation,
+                               samples_figure, save_outputs)
+from .evaluation.tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
+
+__all__ = [
+    "Generator", "generate", "lookup_generator", "noise_generator", "pipeline_generator", "shuffled_generator",
+    "FID_SIZE", "IS_SIZE", "FeatureSet", "InceptionExtractor", "ProbeExtractor", "extract", "fid", "image_quality",
+    "inception_score", "kid",
+    "ClipJudge", "clip_preprocess", "clip_score", "load_pickscore", "pairwise_outcomes", "pick_scores",
+    "preference_probs", "win_rate",
+    "PROBE_SIZES", "AttributeProbe", "CompositionalResult", "ProbeConfig", "ProbeSpec", "ProbeTraining",
+    "chance_truths", "compositional_accuracy", "scene_checks", "train_probe",
+    "load_coco_captions", "load_localized_narratives", "load_parti_prompts",
+    "Estimate", "bootstrap", "mean_ci",
+    "EvaluationParams", "EvaluationResult", "run_evaluation", "save_outputs", "samples_figure", "compositional_figure",
+    "PAPER_TABLE2", "Table2Row", "carbon_kg", "table1", "table2",
+]

@@ -1,0 +1,1 @@
+"""Evaluation modules; the public API is re-exported by :mod:`wurst_core.evaluate`."""

@@ -1,0 +1,83 @@
+"""Generators to compare: any callable ``prompts -> images (B,3,H,W) in [0,1]`` plugs in.
+
+A trained Würstchen, a checkpoint at another step, another architecture, or released weights on a machine that has
+them are all wrapped the same way (:func:`pipeline_generator` for a ``wurst_core.Pipeline``). Reference rows make
+the tables readable before any model is trained: the ground-truth renders of the prompts (the ceiling), the renders
+of other prompts (the chance floor of prompt adherence, at real-image quality) and uniform noise.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Generator = Callable[[list[str]], Tensor]
+
+
+def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16, size: int | None = None) -> Tensor:
+    """Images for ``prompts`` in batches, checked, clamped to [0,1] and (optionally) resized to ``size``."""
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        images = generator(chunk)
+        if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[:2] != (len(chunk), 3):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"a generator must return ({len(chunk)}, 3, H, W) images for {len(chunk)} prompts, got {shape}")
+        if not torch.isfinite(images).all():
+            raise ValueError("generator returned non-finite pixel values")
+        images = images.detach().float().cpu()
+        if size is not None and images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(images.clamp(0, 1))
+    return torch.cat(out)
+
+
+def lookup_generator(prompts: Sequence[str], images: Tensor) -> Generator:
+    """Returns the stored image of each known prompt: with the dataset's renders, the ceiling of every metric."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but {images.shape[0]} images")
+    index = {p: i for i, p in enumerate(prompts)}
+
+    def gen(batch: list[str]) -> Tensor:
+        missing = [p for p in batch if p not in index]
+        if missing:
+            raise KeyError(f"no stored image for prompt {missing[0]!r}")
+        return images[[index[p] for p in batch]]
+
+    return gen
+
+
+def shuffled_generator(prompts: Sequence[str], images: Tensor, seed: int = 0) -> Generator:
+    """Returns the stored image of *another* prompt (a random cycle): real-image quality, chance adherence."""
+    n = len(prompts)
+    if n < 2 or n != images.shape[0]:
+        raise ValueError(f"need >= 2 prompts and as many images, got {n} and {images.shape[0]}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    other = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        other[perm[i]] = perm[(i + 1) % n]
+    return lookup_generator(prompts, images[other])
+
+
+def noise_generator(size: int = 64, seed: int = 0) -> Generator:
+    """Uniform noise images; deterministic for a seed and a sequence of calls."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda batch: torch.rand(len(batch), 3, size, size, generator=gen)
+
+
+def pipeline_generator(pipe: Any, size: int, prior_steps: int = 60, decoder_steps: int = 12,
+                       prior_guidance: float = 4.0, decoder_guidance: float = 0.0, seed: int = 0) -> Generator:
+    """A ``wurst_core.Pipeline`` (or anything with its call signature) as a generator; one CPU RNG for all calls,
+    so the same prompts in the same batches give the same images."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def call(batch: list[str]) -> Tensor:
+        return pipe(batch, height=size, width=size, prior_steps=prior_steps, decoder_steps=decoder_steps,
+                    prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, generator=gen)
+
+    return call

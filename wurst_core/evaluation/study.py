@@ -1,0 +1,284 @@
+"""The evaluation study of ``notebooks/07_evaluation.ipynb``: every generator against held-out prompts.
+
+Generators (one image per held-out prompt, split "test"): the ground-truth renders (ceiling), a Würstchen pipeline
+(the latest ``05_stage_c`` run, or ``weights_dir``; random weights when neither exists), the renders of other
+prompts (chance adherence at real-image quality) and noise. For each: compositional accuracy (probe), FID_tiny /
+KID_tiny against an independent real sample (split "val"), IS_tiny, CLIP score and PickScore-style preference with
+a judge CLIP trained apart from the conditioning text encoder (another seed, other training scenes) or
+PickScore_v1 from a local folder; the standard Inception FID/KID/IS when a weights file is given. Every number
+has a bootstrap CI. Tables follow the paper's Table 1 (preference) and Table 2 (cost and quality).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .. import notebook, paths
+from ..runs import Run, latest_run
+from . import generators as gens
+from .image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
+from .preference import ClipJudge, clip_score, load_pickscore, pick_scores
+from .probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
+from .stats import Estimate
+from .tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
+
+REAL = "real (ground truth)"
+SHUFFLED = "real, other prompt"
+NOISE = "noise"
+
+
+@dataclass(frozen=True)
+class EvaluationParams:
+    """Parameters of ``notebooks/07_evaluation.ipynb``; 0 / "" take the profile's value."""
+
+    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    dataset: str = notebook.choice("procedural", "procedural", "emoji")
+    weights_dir: str = ""           # Pipeline folder to evaluate ("": latest 05_stage_c run, else random weights)
+    n_prompts: int = 0              # held-out prompts, one image per prompt and generator
+    resolution: int = 0             # evaluation image size (0: the trained pipeline's, else 64)
+    sample_size: int = 0            # generation size (0: the pipeline's training size; weights_dir 1024; random 128)
+    prior_steps: int = 0            # tau_C (paper: 60)
+    decoder_steps: int = 0          # tau_B (paper: 12)
+    prior_guidance: float = 4.0     # Stage C classifier-free guidance (paper: 4)
+    probe_size: str = ""            # PROBE_SIZES key of the probe / feature network
+    probe_images: int = 0           # real training images of the probe (split "train")
+    probe_steps: int = 0            # probe optimiser steps
+    judge_dir: str = ""             # local PickScore_v1 folder (a transformers CLIPModel); "": the tiny judge CLIP
+    judge_processor_dir: str = ""   # its processor files (laion CLIP-H tokenizer + preprocessor_config.json)
+    judge_steps: int = 0            # training steps of the tiny judge CLIP
+    inception_weights: str = ""     # torch-fidelity Inception weights file: adds the standard FID/KID/IS
+    is_splits: int = 0              # Inception Score splits
+    n_boot: int = 0                 # bootstrap resamples per metric
+    watts: float = 250.0            # device power for the carbon estimate (paper: A100 PCIe, 250 W)
+    kg_per_kwh: float = 0.37        # grid carbon intensity (paper: 0.37, AWS us-east-1)
+    seed: int = 0
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        return {
+            "smoke": dict(n_prompts=12, prior_steps=2, decoder_steps=2, probe_size="smoke", probe_images=200,
+                          probe_steps=20, judge_steps=10, is_splits=2, n_boot=20),
+            "tiny": dict(n_prompts=256, prior_steps=60, decoder_steps=12, probe_size="tiny", probe_images=4000,
+                         probe_steps=800, judge_steps=300, is_splits=4, n_boot=200),
+            "paper": dict(n_prompts=2000, prior_steps=60, decoder_steps=12, probe_size="base", probe_images=20000,
+                          probe_steps=3000, judge_steps=20000, is_splits=10, n_boot=1000),
+        }[profile]
+
+
+@dataclass
+class EvaluationResult:
+    prompts: list[str]
+    images: dict[str, Tensor]                     # generator -> (P,3,R,R)
+    estimates: dict[str, dict[str, Estimate]]     # generator -> metric -> estimate
+    probe_ceiling: dict[str, Estimate]            # the probe on held-out real images (compositional ceiling)
+    tables: dict[str, pd.DataFrame]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per generator: the headline numbers (CIs in ``tables``)."""
+        keys = [k for k in ("all_correct", "FID_tiny", "KID_tiny", "IS_tiny", "CLIP_score", "FID", "IS")
+                if k in next(iter(self.estimates.values()))]
+        rows = {"probe ceiling (real images)": {"all_correct": self.probe_ceiling["all_correct"].value},
+                **{n: {k: e[k].value for k in keys} for n, e in self.estimates.items()}}
+        return pd.DataFrame(rows).T[keys]
+
+    def metrics(self) -> dict[str, Any]:
+        """Numbers for ``metrics.json``: {generator: {metric: value, metric_ci: [low, high]}} plus info."""
+        out: dict[str, Any] = {"info": self.info,
+                               "probe_ceiling": {k: v.value for k, v in self.probe_ceiling.items()}}
+        for name, est in self.estimates.items():
+            out[name] = {k: v.value for k, v in est.items()}
+            out[name].update({f"{k}_ci": [v.low, v.high] for k, v in est.items()})
+        return out
+
+
+def _log(progress: bool, run: Run | None) -> Callable[[str], None]:
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, flush=True)
+        if run is not None:
+            run.logger.info(msg)
+
+    return log
+
+
+def probe_spec(dataset: str) -> ProbeSpec:
+    if dataset == "procedural":
+        return ProbeSpec.procedural()
+    if dataset == "emoji":
+        from ..data.emoji import EmojiDataset, emoji_name
+
+        return ProbeSpec.emoji([emoji_name(c) for c in EmojiDataset(size=1).emoji])
+    raise ValueError(f"compositional accuracy needs ground truth: dataset must be procedural or emoji, got {dataset!r}")
+
+
+def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudge, str]:
+    """PickScore_v1 from ``judge_dir``, else the tiny judge CLIP (trained once per profile and seed, then cached).
+
+    The judge must not be the conditioning encoder: it is trained with seed ``1000 + seed`` (other weights and
+    other training scenes than notebook 01's seed-0 CLIP).
+    """
+    if p.judge_dir:
+        return load_pickscore(p.judge_dir, p.judge_processor_dir or None), f"PickScore_v1 ({p.judge_dir})"
+    from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
+
+    judge_seed = 1000 + p.seed
+    directory = paths.cache_dir() / p.profile / f"judge_clip_seed{judge_seed}_steps{p.judge_steps}"
+    if not (directory / "model.json").is_file():
+        log(f"training the judge CLIP (seed {judge_seed}, {p.judge_steps} steps) ...")
+        training = dataclasses.replace(CLIP_TRAINING[p.profile], steps=p.judge_steps)
+        train_and_save_tiny_clip(p.profile, seed=judge_seed, progress=False, directory=directory, training=training)
+    model, _, meta = load_tiny_clip(directory)
+    t2i = meta.get("retrieval", {}).get("t2i_top1")
+    return ClipJudge.from_open_clip(model, name="tiny judge CLIP"), f"tiny judge CLIP, seed {judge_seed} (t2i top-1 {t2i})"
+
+
+def _pipeline(p: EvaluationParams) -> tuple[Any, dict[str, Any]]:
+    from ..pipeline import SamplingParams, load_sampling_pipeline
+
+    return load_sampling_pipeline(SamplingParams(profile=p.profile, weights_dir=p.weights_dir, size=p.sample_size,
+                                                 seed=p.seed))
+
+
+def _stage_c_costs(p: EvaluationParams) -> dict[str, float | None]:
+    """Training cost of the latest 05_stage_c run: hours, samples (steps x batch) (paper Table 2 counts Stage C)."""
+    run = latest_run("05_stage_c", p.profile)
+    if run is None or p.weights_dir:
+        return {"hours": None, "samples": None}
+    m, cfg = run.metrics(), json.loads((run.dir / "config.json").read_text())
+    hours = m.get("train_seconds")
+    samples = m.get("steps", cfg.get("steps"))
+    batch = cfg.get("batch_size")
+    return {"hours": hours / 3600 if hours is not None else None,
+            "samples": samples * batch * cfg.get("grad_accum", 1) if samples and batch else None}
+
+
+def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
+    """The whole study (see the module docstring); ``run``: where the log goes (tables: :func:`save_outputs`)."""
+    from ..phases import load_images
+
+    log = _log(progress, run)
+    t0 = time.time()
+    pipe, pipe_info = _pipeline(p)
+    trained = bool(pipe_info.get("trained"))
+    res = p.resolution or (int(pipe_info["size"]) if trained else 64)
+    model_name = "Würstchen (trained)" if trained else "Würstchen (random weights)"
+    log(f"pipeline: {pipe_info['weights']}; evaluation at {res} px")
+
+    # held-out prompts with their ground truth, an independent real sample for FID, the probe's training images
+    test = load_images(p.dataset, p.n_prompts, res, p.seed, "test", progress=False)
+    prompts, truths = test["caption"], test["attributes"]
+    reference = load_images(p.dataset, p.n_prompts, res, p.seed, "val", progress=False)["image"]
+    cfg = PROBE_SIZES[p.probe_size]
+    train = load_images(p.dataset, p.probe_images, cfg.resolution, p.seed, "train", progress=False)
+    probe = train_probe(train["image"], train["attributes"], probe_spec(p.dataset), cfg,
+                        ProbeTraining(steps=p.probe_steps, seed=p.seed), log=log)
+    ceiling = compositional_accuracy(probe, test["image"], truths, p.n_boot, p.seed).accuracy
+    log(f"probe ceiling on held-out real images: all-correct {ceiling['all_correct']}")
+
+    generators: dict[str, gens.Generator] = {
+        REAL: gens.lookup_generator(prompts, test["image"]),
+        model_name: gens.pipeline_generator(pipe, int(pipe_info["size"]), p.prior_steps, p.decoder_steps,
+                                            p.prior_guidance, seed=p.seed),
+        SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
+        NOISE: gens.noise_generator(res, p.seed),
+    }
+    images = {}
+    for name, g in generators.items():
+        t = time.time()
+        images[name] = gens.generate(g, prompts, batch_size=16, size=res)
+        log(f"generated {len(prompts)} images with {name!r} in {time.time() - t:.1f} s")
+
+    judge, judge_name = judge_for(p, log)
+    inception = InceptionExtractor(p.inception_weights) if p.inception_weights else None
+    extractors = [ProbeExtractor(probe)] + ([inception] if inception is not None else [])
+    real_sets = [extract(x, reference) for x in extractors]
+    estimates: dict[str, dict[str, Estimate]] = {}
+    for name, imgs in images.items():
+        est = dict(compositional_accuracy(probe, imgs, truths, p.n_boot, p.seed).accuracy)
+        for x, real in zip(extractors, real_sets):
+            est.update(image_quality(real, extract(x, imgs), splits=p.is_splits, n_boot=p.n_boot, seed=p.seed))
+        est["CLIP_score"] = clip_score(judge, prompts, imgs, p.n_boot, p.seed)
+        estimates[name] = est
+        log(f"{name}: all-correct {est['all_correct']}, FID_tiny {est['FID_tiny']}")
+    scores = pick_scores(judge, prompts, images)
+
+    cost = _stage_c_costs(p) if trained else {"hours": 0.0, "samples": 0}
+    rows = []
+    for name, est in estimates.items():
+        row = Table2Row(name, fid=est["FID_tiny"], inception_score=est["IS_tiny"])
+        if name == model_name:  # Table 2 counts Stage C: its parameters, steps, training hours and samples
+            row = dataclasses.replace(row, params=float(sum(q.numel() for q in pipe.stage_c.parameters())),
+                                      sampling_steps=p.prior_steps, gpu_hours=cost["hours"],
+                                      train_samples=cost["samples"])
+        rows.append(row)
+    tables = {
+        "table1_preference": table1(scores, reference=model_name if trained else None, n_boot=p.n_boot, seed=p.seed),
+        "table2_cost_quality": table2(rows, "FID_tiny", "IS_tiny", p.watts, p.kg_per_kwh),
+        "table2_paper": table2(PAPER_TABLE2),
+        "compositional": _estimates_table({"probe on real images (ceiling)": ceiling,
+                                           **{n: e for n, e in estimates.items()}},
+                                          [k for k in ceiling]),
+        "quality": _estimates_table(estimates, [k for k in next(iter(estimates.values())) if k not in ceiling]),
+    }
+    info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
+            "judge": judge_name, "probe": dataclasses.asdict(cfg), "inception": bool(inception),
+            "carbon_check_kg": carbon_kg(24_602, 250, 0.37), "seconds": time.time() - t0}
+    return EvaluationResult(prompts, images, estimates, ceiling, tables, info)
+
+
+def _estimates_table(estimates: dict[str, dict[str, Estimate]], columns: list[str]) -> pd.DataFrame:
+    """Rows = models, cells ``value [low, high]`` (95% bootstrap CI)."""
+    df = pd.DataFrame({name: {c: str(est[c]) for c in columns if c in est} for name, est in estimates.items()}).T
+    df.index.name = "model"
+    return df
+
+
+def samples_figure(result: EvaluationResult, n: int = 8):
+    """One row of samples per generator on the first ``n`` prompts."""
+    from ..phases import image_grid
+
+    names = list(result.images)
+    k = min(n, len(result.prompts))
+    titles = [m.replace(" (", "\n(").replace(", ", ",\n") for m in names]  # row labels fit the image height
+    return image_grid([result.images[m][:k] for m in names], titles, result.prompts[:k])
+
+
+def compositional_figure(result: EvaluationResult):
+    """Per-attribute accuracy with 95% CIs for every generator, next to the probe's ceiling."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = {"probe ceiling": result.probe_ceiling, **{n: e for n, e in result.estimates.items()}}
+    attrs = list(result.probe_ceiling)
+    fig, ax = plt.subplots(figsize=(1.2 * len(attrs) + 2, 3.2))
+    width = 0.8 / len(groups)
+    x = np.arange(len(attrs))
+    for i, (name, est) in enumerate(groups.items()):
+        vals = np.array([est[a].value for a in attrs])
+        err = np.array([[est[a].value - est[a].low for a in attrs], [est[a].high - est[a].value for a in attrs]])
+        ax.bar(x + (i - (len(groups) - 1) / 2) * width, vals, width, yerr=np.clip(err, 0, None), label=name,
+               capsize=2)
+    ax.set_xticks(x, attrs, rotation=20)
+    ax.set_ylabel("% of images correct")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def save_outputs(result: EvaluationResult, run: Run) -> dict[str, Path]:
+    """Tables (markdown + CSV, copied into ``reports/`` by ``wurst_core.report``) and metrics into the run folder."""
+    from ..report import save_table
+
+    written = {name: save_table(run, name, df, index=True) for name, df in result.tables.items()}
+    run.save_metrics(result.metrics())
+    return written
