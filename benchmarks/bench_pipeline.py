@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import string
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wurst_core.models import NETWORKS  # noqa: E402
 from wurst_core.pipeline import Pipeline  # noqa: E402
-from wurst_core.text import HFCLIPTextEncoder  # noqa: E402
+from wurst_core.text import HFCLIPTextEncoder, char_tokenizer  # noqa: E402
 from wurst_core.weights import config_from_diffusers, official_from_diffusers  # noqa: E402
 
 # diffusers constructor arguments; "paper" = the released configs (diffusers-reference.md §1)
@@ -50,15 +49,6 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def char_tokenizer():
-    """Offline CLIPTokenizer (character vocabulary); prompts still pad to 77 tokens, so compute is as released."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,'-!?":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def build(size: str, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, Pipeline]:

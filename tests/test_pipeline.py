@@ -7,7 +7,6 @@ Two layers:
 """
 from __future__ import annotations
 
-import string
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 
 from wurst_core.pipeline import Pipeline, stage_b_size, stage_c_size
 from wurst_core.samplers import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_core.text import char_tokenizer
 
 SIZE = 128  # 128 px: Stage C 3x3, Stage B 32x32
 
@@ -28,15 +28,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def char_tokenizer():
-    """An offline CLIPTokenizer over a character vocabulary (diffusers-reference.md §3); pad = <|endoftext|>."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,'-!?":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def tiny_clip(width: int, seed: int):

@@ -110,6 +110,7 @@ def _script(body: str) -> str:
         import sys, torch, dataclasses
         sys.path.insert(0, {str(ROOT / 'tests')!r})
         torch.set_flush_denormal(True)
+        torch.set_num_threads(1)  # as the test process (conftest): same float summation order
         from test_train import make_stage_c_task, make_data, CFG, final_weights
         from wurst_core import train
     """) + textwrap.dedent(body)

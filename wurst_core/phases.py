@@ -274,6 +274,20 @@ def _ema_into(task: nn.Module, ckpt: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- Stage A
+def _fit_phase(task: nn.Module, p: PhaseParams, run: Run, stage: str, pool: dict[str, Any],
+               progress: bool) -> tuple[pd.DataFrame, float]:
+    """Train ``task`` on ``pool`` into ``<run>/checkpoints/train_<stage>``, then load its EMA weights; returns the
+    log and the training seconds."""
+    ckpt = checkpoint_dir(run, f"train_{stage}")
+    t1 = time.time()
+    history = fit(task, p.train_config(), batch_getter(pool), len(pool["image"]), ckpt, resume=p.resume,
+                  progress=progress)
+    seconds = time.time() - t1
+    _ema_into(task, ckpt)
+    task.eval()
+    return history, seconds
+
+
 @dataclass
 class PhaseResult:
     history: pd.DataFrame
@@ -293,13 +307,7 @@ def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResu
     model = StageA(STAGE_A_SIZES[p.size])
     task = StageATask(model, l1_weight=p.l1_weight, reset_every=p.reset_every,
                       reset_until=p.steps * p.grad_accum // 2)
-    ckpt = checkpoint_dir(run, "train_a")
-    t1 = time.time()
-    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
-                  progress=progress)
-    train_seconds = time.time() - t1
-    _ema_into(task, ckpt)
-    model.eval()
+    history, train_seconds = _fit_phase(task, p, run, "a", train_pool, progress)
     metrics = stage_a_metrics(model, val["image"])
     metrics.update(train_seconds=train_seconds, wall_seconds=time.time() - t0, steps=p.steps,
                    parameters=sum(q.numel() for q in model.parameters()))
@@ -349,13 +357,7 @@ def train_stage_b(p: StageBParams, run: Run, progress: bool = True) -> PhaseResu
     stage_b = StageB(_stage_b_config(p, text.encoder.width))
     task = StageBTask(stage_b, stage_a, compressor, text, sc_size=p.sc_size, p_drop_sc=p.p_drop_sc,
                       p_noise_sc=p.p_noise_sc, p_drop_text=p.p_drop_text)
-    ckpt = checkpoint_dir(run, "train_b")
-    t1 = time.time()
-    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
-                  progress=progress)
-    train_seconds = time.time() - t1
-    _ema_into(task, ckpt)
-    task.eval()
+    history, train_seconds = _fit_phase(task, p, run, "b", train_pool, progress)
     pipe = tiny_pipeline(None, stage_b, stage_a, text.encoder, compressor, "none", 0.0, 1.0, p.resolution, p.sc_size)
     recon = torch.cat([pipe.reconstruct(val["image"][i:i + 64], val["caption"][i:i + 64], decoder_steps=p.sample_steps,
                                         generator=torch.Generator().manual_seed(p.seed + i))
@@ -401,13 +403,7 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     stage_c = StageC(cfg)
     task = StageCTask(stage_c, compressor, text, Diffusion(weight=p.loss_weight), sc_size=sc_size,
                       p_drop_text=p.p_drop_text, latent_scaling=p.latent_scaling, latent_mean=mean, latent_std=std)
-    ckpt = checkpoint_dir(run, "train_c")
-    t1 = time.time()
-    history = fit(task, p.train_config(), batch_getter(train_pool), len(train_pool["image"]), ckpt, resume=p.resume,
-                  progress=progress)
-    train_seconds = time.time() - t1
-    _ema_into(task, ckpt)
-    task.eval()
+    history, train_seconds = _fit_phase(task, p, run, "c", train_pool, progress)
     save_model(stage_c, checkpoint_dir(run, "stage_c"))
     from .io import write_json
 

@@ -688,3 +688,17 @@ class NotebookParams:
     def training(self) -> ClipTraining:
         return dataclasses.replace(CLIP_TRAINING[self.profile], steps=self.steps, batch_size=self.batch_size,
                                    lr=self.lr, pool=self.pool, eval_size=self.eval_size)
+
+
+def char_tokenizer(context_length: int = CONTEXT_LENGTH) -> Any:
+    """An offline transformers ``CLIPTokenizer`` over a character vocabulary (diffusers-reference.md §3), for
+    random-weight parity tests and benchmarks: prompts still pad to 77 tokens with ``<|endoftext|>``."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ".,'-!?":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=context_length)
