@@ -16,7 +16,8 @@ from wurst_core.models import (NETWORKS, SEMANTIC_SIZES, STAGE_A_SIZES, STAGE_B_
 from wurst_core.models.blocks import AttnBlock, MultiheadAttention, r_embedding
 from wurst_core.paths import REPO_ROOT
 
-SHAPES = REPO_ROOT.parent / "shared" / "reference" / "official_v2_state_dict_shapes.json"
+# every key and shape of the official v2 modules (computed from the official code; shared/reference/ of the project)
+SHAPES = REPO_ROOT / "tests" / "fixtures" / "official_v2_state_dict_shapes.json"
 
 
 @pytest.fixture(scope="module")
