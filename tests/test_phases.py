@@ -35,3 +35,22 @@ def test_every_profile_resolves_to_a_valid_training_config(schema, profile, monk
     assert math.isfinite(tc.lr) and tc.lr > 0
     if profile == "paper":  # official §6a: AdamW 1e-4, 10k warm-up, clip 1.0
         assert (tc.lr, tc.warmup_steps, tc.grad_clip) == (1e-4, 10_000, 1.0)
+
+
+def test_paper_profile_builds_the_released_sizes_on_the_meta_device(monkeypatch):
+    """The `paper` profile is not trained here; its networks are built without memory and counted."""
+    monkeypatch.delenv("WURST_PROFILE", raising=False)
+    from wurst_core.models.semantic import SEMANTIC_SIZES, SemanticCompressor
+    from wurst_core.models.stage_a import STAGE_A_SIZES, StageA
+    from wurst_core.models.stage_b import STAGE_B_SIZES, StageB
+    from wurst_core.models.stage_c import STAGE_C_SIZES, StageC
+
+    a = notebook.build(StageAParams, {"profile": "paper"})
+    b = notebook.build(StageBParams, {"profile": "paper"})
+    c = notebook.build(StageCParams, {"profile": "paper"})
+    with torch.device("meta"):
+        nets = {"a": StageA(STAGE_A_SIZES[a.size]), "sc": SemanticCompressor(SEMANTIC_SIZES[b.compressor]),
+                "b": StageB(STAGE_B_SIZES[b.size]), "c": StageC(STAGE_C_SIZES[c.size])}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    assert counts == {"a": 18_406_894, "sc": 20_198_000, "b": 1_055_365_280, "c": 993_636_896}
+    assert c.latent_scaling == "v2" and b.sc_size == 768 and c.train_config().batch_size == 1280

@@ -149,7 +149,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
         assert torch.equal(v, resumed[k]), k
 
 
-def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_single_process(tmp_path, strategy):
+    """DistributedDataParallel (and FSDP2 sharding) over 2 CPU processes == 1 process on the same global batch."""
     cfg = dataclasses.replace(CFG, steps=4)
     get_batch, n = make_data()
     single = make_stage_c_task()
@@ -159,23 +161,27 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
         import os
         import torch.distributed as dist
         dist.init_process_group("gloo")
-        cfg = dataclasses.replace(CFG, steps=4)
+        cfg = dataclasses.replace(CFG, steps=4, strategy={strategy!r})
         get_batch, n = make_data()
         task = make_stage_c_task()
-        train.fit(task, cfg, get_batch, n, {str(tmp_path / 'ddp')!r}, progress=False)
-        if dist.get_rank() == 0:
-            torch.save(final_weights(task), {str(tmp_path / 'ddp.pt')!r})
+        train.fit(task, cfg, get_batch, n, {str(tmp_path / 'dist')!r}, progress=False)
         dist.destroy_process_group()
     """
-    script = tmp_path / "ddp_script.py"
+    script = tmp_path / "dist_script.py"
     script.write_text(_script(body))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    port = {"ddp": 29533, "fsdp": 29534}[strategy]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           str(script)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    worst = max((v - ddp[k]).abs().max().item() for k, v in final_weights(single).items() if v.is_floating_point())
+    # the final checkpoint holds full (gathered) tensors whichever the strategy
+    dist_state = train.load_training_state(tmp_path / "dist" / "train_state.pt")
+    assert dist_state["step"] == 4
+    ref = final_weights(single)
+    worst = max((v - dist_state["model"][k]).abs().max().item() for k, v in ref.items() if v.is_floating_point())
     assert worst < 1e-5, worst
+    ema_ref = train.load_training_state(tmp_path / "single" / "train_state.pt")["ema"]
+    assert max((v - dist_state["ema"][k]).abs().max().item() for k, v in ema_ref.items()) < 1e-5
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

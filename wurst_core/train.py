@@ -56,10 +56,13 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     precision: str = "auto"           # "auto": bf16 autocast on CUDA, float32 on CPU | "fp32" | "bf16"
+    strategy: str = "ddp"             # several processes: "ddp" (replicated) | "fsdp" (FSDP2 sharding, paper sizes)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto|fp32|bf16, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -124,13 +127,56 @@ class EMA:
         return module
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
+        """Full tensors (under FSDP every rank must call this: the shards are gathered)."""
+        return {k: (v.full_tensor() if _is_dtensor(v) else v).cpu() for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
             raise KeyError(f"EMA state lacks {sorted(missing)[:5]}")
-        self.shadow = {k: state[k].clone() for k in self.shadow}
+        for k, v in self.shadow.items():
+            if _is_dtensor(v):
+                from torch.distributed.tensor import distribute_tensor
+
+                v.copy_(distribute_tensor(state[k].to(v.dtype), v.device_mesh, v.placements))
+            else:
+                self.shadow[k] = state[k].clone().to(v)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+# FSDP2 wrapping units: the repeated blocks of every stage (each its own all-gather), then the root.
+def _shard(task: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from .models.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
+
+    for m in task.modules():
+        if isinstance(m, (ResBlock, ResBlockStageB, AttnBlock, TimestepBlock)) and \
+                any(p.requires_grad for p in m.parameters()):
+            fully_shard(m)
+    fully_shard(task)
+
+
+def _full_state(task: nn.Module, opt: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+    if not fsdp:
+        return task.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(task, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_full_state(task: nn.Module, opt: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        task.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(task, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -150,13 +196,14 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict[str, Any]], n_data: int,
         ckpt_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
-        on_log: Callable[[int, dict[str, float]], None] | None = None,
-        ema_module: Callable[[nn.Module], nn.Module] | None = None) -> pd.DataFrame:
+        on_log: Callable[[int, dict[str, float]], None] | None = None) -> pd.DataFrame:
     """Train ``task`` for ``cfg.steps`` updates and return the log as a DataFrame.
 
     ``get_batch(indices)`` loads the dataset items; ``ckpt_dir/train_state.pt`` holds model, EMA, optimizer and step
     (written atomically every ``cfg.ckpt_every`` steps and at the end). With ``resume=True`` the run continues
     from that file exactly. A non-finite loss raises :class:`TrainingDiverged` and leaves the last checkpoint intact.
+    Under ``torchrun`` the task is wrapped in DistributedDataParallel, or sharded with FSDP2 when
+    ``cfg.strategy == "fsdp"`` (checkpoints then hold full, gathered tensors; optimizer states keyed by name).
     """
     from tqdm.auto import tqdm
 
@@ -164,6 +211,9 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     state_path = ckpt_dir / "train_state.pt"
     rank, world = _world()
     device = next(task.parameters()).device
+    fsdp = world > 1 and cfg.strategy == "fsdp"
+    if fsdp:
+        _shard(task)  # before the optimizer is built: its parameters become sharded DTensors
     params = [p for p in task.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(task)
@@ -171,18 +221,19 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     start = 0
     if resume and state_path.exists():
         state = load_training_state(state_path)
-        task.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        _load_full_state(task, opt, state, fsdp)
         ema.load_state_dict(state["ema"])
         history = list(state.get("history", []))
         start = int(state["step"])
     model: nn.Module = task
-    if world > 1:
+    if world > 1 and not fsdp:
         model = nn.parallel.DistributedDataParallel(task, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(step: int) -> None:
+        model_state, optim_state = _full_state(task, opt, fsdp)  # collective under FSDP: every rank calls it
+        ema_state = ema.state_dict()
         if rank == 0:
-            save_torch(state_path, {"model": task.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            save_torch(state_path, {"model": model_state, "ema": ema_state, "optimizer": optim_state,
                                     "step": step, "history": history, "config": dataclasses.asdict(cfg)})
 
     micro = cfg.batch_size // cfg.grad_accum
@@ -211,6 +262,8 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if _is_dtensor(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         opt.step()
         if step + 1 >= cfg.ema_start and (step + 1) % cfg.ema_every == 0:
             ema.update(task, cfg.ema_beta)
