@@ -189,7 +189,8 @@ class Pipeline:
 
     @property
     def device(self) -> torch.device:
-        p = next(self.stage_c.parameters(), None)
+        # stage_c may be None in a reconstruction-only pipeline (Stage B training reports)
+        p = next((q for m in self._modules() for q in m.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
     def to(self, device: torch.device | str) -> "Pipeline":
