@@ -197,3 +197,13 @@ def test_cli_lists_notebooks():
     assert out.returncode == 0, out.stderr
     for p in NOTEBOOKS:
         assert p.stem in out.stdout
+
+
+def test_cli_data_preview_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    res = subprocess.run([sys.executable, "-m", "wurst_core", "data", "preview", "--n", "4", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 64

@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     dp = dsub.add_parser("preview", help="save a captioned preview grid")
-    dp.add_argument("--kind", default="procedural", choices=["procedural", "emoji"])
+    dp.add_argument("--kind", default="procedural", choices=["procedural", "emoji", "folder"])
+    dp.add_argument("--root", default=None, help="images + captions folder, manifest or tar shards (--kind folder)")
     dp.add_argument("--n", type=int, default=16)
     dp.add_argument("--resolution", type=int, default=64)
     dp.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.cmd == "data":
         from .data import save_preview
 
-        print(save_preview(args.kind, args.out, n=args.n, resolution=args.resolution, seed=args.seed))
+        print(save_preview(args.kind, args.out, n=args.n, resolution=args.resolution, seed=args.seed, root=args.root))
     elif args.cmd == "generate":
         from .pipeline import generate
 

@@ -281,7 +281,8 @@ def _fit_phase(task: nn.Module, p: PhaseParams, run: Run, stage: str, pool: dict
     ckpt = checkpoint_dir(run, f"train_{stage}")
     t1 = time.time()
     history = fit(task, p.train_config(), batch_getter(pool), len(pool["image"]), ckpt, resume=p.resume,
-                  progress=progress)
+                  progress=progress, on_log=lambda step, rec: run.logger.info(
+                      "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "step")))
     seconds = time.time() - t1
     _ema_into(task, ckpt)
     task.eval()
