@@ -13,15 +13,6 @@ from wurst_core.evaluation import probe as P
 from wurst_core.data.procedural import ProceduralDataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared by several processes: one intra-op thread avoids OpenMP oversubscription (~20x faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def render(split: str, n: int, resolution: int = 48, seed: int = 0):
     ds = ProceduralDataset(size=n, resolution=resolution, seed=seed, split=split)
     items = [ds[i] for i in range(n)]
@@ -256,7 +247,7 @@ def test_scene_checks_define_all_correct_exactly():
         P.encode_targets(spec, [{"background": "white", "objects": [{**red_circle, "color": "teal"}]}])
 
 
-def test_probe_reads_held_out_real_images(one_thread):
+def test_probe_reads_held_out_real_images():
     spec = E.ProbeSpec.procedural()
     cfg = E.PROBE_SIZES["tiny"]
     train_x, train_a, _ = render("train", 3000, cfg.resolution)

@@ -19,15 +19,6 @@ from wurst_core.text import char_tokenizer
 SIZE = 128  # 128 px: Stage C 3x3, Stage B 32x32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny networks on a shared 2-core machine: one thread avoids OpenMP oversubscription (~50x slower otherwise)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 
 def tiny_clip(width: int, seed: int):

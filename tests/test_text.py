@@ -15,16 +15,7 @@ PROMPTS = ["a large red circle in the top left on a white background", "hi", "wo
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # 2 cores shared by several processes: one intra-op thread avoids oversubscription (much faster here)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip(one_thread):
+def clip():
     """A randomly initialised smoke-size CLIP with perturbed weights (non-trivial norms and biases)."""
     model = T.create_tiny_clip(SMOKE, seed=0)
     with torch.no_grad():
@@ -113,7 +104,7 @@ def test_from_open_clip_with_local_weights(clip, tmp_path):
 
 
 @pytest.mark.parametrize("name,width,params", [("ViT-H-14", 1024, 354_032_640), ("ViT-bigG-14", 1280, 694_659_840)])
-def test_real_architectures_by_name(name, width, params, one_thread):
+def test_real_architectures_by_name(name, width, params):
     # built on the meta device: shapes and parameter counts without allocating the weights
     enc = T.TextEncoder.from_open_clip(name, device="meta")
     assert enc.width == width and sum(p.numel() for p in enc.parameters()) == params
@@ -122,7 +113,7 @@ def test_real_architectures_by_name(name, width, params, one_thread):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, one_thread):
+def trained(tmp_path_factory):
     """The smoke tiny CLIP, trained and saved once for the tests below."""
     directory = tmp_path_factory.mktemp("tiny_clip")
     training = T.ClipTraining(steps=40, batch_size=32, pool=512, eval_size=64, warmup=5)  # ~15 s on one core
@@ -158,7 +149,7 @@ def test_tiny_clip_saved_reloaded_frozen_and_cached(trained, monkeypatch):
         T.load_tiny_text_encoder("tiny")
 
 
-def test_get_or_train_trains_when_missing(monkeypatch, one_thread):
+def test_get_or_train_trains_when_missing(monkeypatch):
     monkeypatch.setitem(T.CLIP_TRAINING, "smoke", dataclasses.replace(T.CLIP_TRAINING["smoke"], steps=2, pool=16,
                                                                      batch_size=8, eval_size=8, warmup=1))
     assert not (T.text_encoder_dir("smoke") / "model.json").exists()
