@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from wurst_core import notebook
-from wurst_core.phases import StageAParams, StageBParams, StageCParams, psnr, ssim
+from wurst_core.evaluation.pixels import psnr, ssim
+from wurst_core.phases import StageAParams, StageBParams, StageCParams
 
 
 def test_psnr_of_known_error():

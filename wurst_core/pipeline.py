@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import notebook
+from .evaluation.pixels import psnr
 from .samplers import make_timesteps, sample
 
 RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
@@ -662,11 +663,6 @@ def steps_sweep(pipe: Pipeline, prompts: list[str], step_counts: Sequence[float]
         for row, out in zip(table[-len(counts):], images[sampler]):
             row["l1_to_most_steps"] = (out - ref).abs().mean().item()
     return images, pd.DataFrame(table)
-
-
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [0, 1]."""
-    return -10 * torch.log10((a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10))
 
 
 def reconstruction_study(pipe: Pipeline, images: Tensor, captions: list[str], decoder_steps: int = 12,
