@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= tiny
+# The tiny networks gain nothing from more intra-op threads, and on a shared 2-core machine several threads
+# oversubscribe the cores (tens of times slower): the notebooks run single-threaded unless told otherwise.
+THREADS ?= 1
 # torch/torchvision are pinned so that every run is reproducible (the 2.13 CPU wheel + PyPI torchvision fails to import).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
@@ -31,19 +34,19 @@ fonts: ## install Noto Color Emoji (Debian fonts-noto-color-emoji) for the emoji
 
 test: install ## the whole suite: unit tests, then nbval over every notebook on the smoke profile
 	$(PY) -m pytest -m "not slow" tests
-	OMP_NUM_THREADS=1 WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+	OMP_NUM_THREADS=$(THREADS) WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
 
 test-unit: install ## unit tests only
 	$(PY) -m pytest -m "not slow" tests
 
 test-notebooks: install ## nbval over every notebook on the smoke profile
-	OMP_NUM_THREADS=1 WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
+	OMP_NUM_THREADS=$(THREADS) WURST_PROFILE=smoke WURST_REPORTS_DIR=$$(mktemp -d) $(PY) -m pytest $(NBVAL) notebooks/
 
 test-slow: install ## the slow tests (minutes)
 	$(PY) -m pytest -m slow tests
 
 reproduce: install ## the main job: every notebook on the tiny profile (CPU), writing reports/
-	$(PY) -m wurst_core reproduce --profile $(PROFILE)
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m wurst_core reproduce --profile $(PROFILE)
 
 reports: install ## rebuild reports/index.md from the latest runs (no training)
 	$(PY) -m wurst_core report --profile $(PROFILE)
