@@ -154,6 +154,22 @@ def test_semantic_latent_sizes():
     assert tiny(torch.rand(2, 3, 96, 96)).shape == (2, 16, SEMANTIC_SIZES["tiny"].latent_size, 3)
 
 
+def test_tiny_compressor_stages_set_the_latent_side_and_survive_save_and_load(tmp_path):
+    import dataclasses
+
+    from wurst_core.weights import load_model, save_model
+
+    for widths, side in (((32, 64, 128), 8), ((32, 64, 128, 128), 4), ((8, 8, 8, 8, 16), 2)):
+        cfg = dataclasses.replace(SEMANTIC_SIZES["tiny"], tiny_widths=widths, image_size=64)
+        model = SemanticCompressor(cfg).eval()
+        x = torch.rand(2, 3, 64, 64)
+        assert cfg.latent_size == side and model(x).shape == (2, 16, side, side)
+        save_model(model, tmp_path / str(side))
+        # the bare weights file has no stored config: the widths are inferred from the shapes
+        loaded = load_model(tmp_path / str(side) / "model.safetensors", "semantic").eval()
+        assert loaded.config.tiny_widths == widths and torch.equal(loaded(x), model(x))
+
+
 def test_semantic_normalisation_and_v2_scaling():
     torch.manual_seed(0)
     model = build_model("semantic", "tiny").eval()

@@ -55,3 +55,31 @@ def test_paper_profile_builds_the_released_sizes_on_the_meta_device(monkeypatch)
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     assert counts == {"a": 18_406_894, "sc": 20_198_000, "b": 1_055_365_280, "c": 993_636_896}
     assert c.latent_scaling == "v2" and b.sc_size == 768 and c.train_config().batch_size == 1280
+
+
+def test_stream_renders_the_dataset_items_on_demand():
+    from wurst_core.data import make_dataset
+    from wurst_core.phases import Stream
+
+    stream = Stream("procedural", 10**6, 32, seed=3)
+    assert len(stream) == 10**6
+    batch = stream([5, 999_999, 5])
+    ds = make_dataset("procedural", size=10**6, resolution=32, seed=3, split="train")
+    assert batch["image"].shape == (3, 3, 32, 32)
+    assert torch.equal(batch["image"][0], ds[5]["image"]) and torch.equal(batch["image"][0], batch["image"][2])
+    assert batch["caption"][1] == ds[999_999]["caption"]
+
+
+def test_calibrated_scale_factor_gives_unit_variance_latents():
+    from wurst_core.models.stage_a import STAGE_A_SIZES, StageA
+    from wurst_core.phases import calibrate_scale_factor
+
+    torch.manual_seed(0)
+    model = StageA(STAGE_A_SIZES["parity"]).eval()
+    images = torch.rand(6, 3, 32, 32)
+    assert abs(model.encode(images).std().item() - 1) > 0.05  # the released 0.3764 does not fit random weights
+    scale = calibrate_scale_factor(model, images)
+    assert model.config.scale_factor == scale
+    assert model.encode(images).std().item() == pytest.approx(1.0, abs=1e-3)
+    assert torch.allclose(model.decode(model.encode(images)), model.out_block(model.up_blocks(model._encode_raw(images))),
+                          atol=1e-5)  # decode undoes the scale

@@ -105,6 +105,29 @@ def test_stage_a_task_trains_and_resume_is_exact(tmp_path):
         assert torch.equal(full[k], final_weights(c)[k]), k
 
 
+def test_random_crops_are_aligned_to_latent_cells_and_reproducible():
+    from wurst_core.tasks import random_crops
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
+    crops = random_crops(x, 8, gens())
+    assert crops.shape == (2, 3, 8, 8) and torch.equal(crops, random_crops(x, 8, gens()))
+    for img, crop in zip(x, crops):
+        oy, ox = [int(v) for v in torch.nonzero(img[0] == crop[0, 0, 0])[0]]
+        assert oy % 4 == 0 and ox % 4 == 0 and torch.equal(img[:, oy:oy + 8, ox:ox + 8], crop)
+
+
+def test_stage_a_task_on_crops_sees_crops_and_still_decodes_whole_images():
+    torch.manual_seed(0)
+    model = StageA(STAGE_A_SIZES["parity"])
+    task = StageATask(model, reset_every=0, crop=16)
+    seen = []
+    model.in_block.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    loss, logs = task({"image": torch.rand(2, 3, 32, 32)}, [torch.Generator().manual_seed(i) for i in range(2)])
+    assert seen == [(2, 3, 16, 16)] and torch.isfinite(loss)
+    assert model.decode(model.encode(torch.rand(1, 3, 32, 32))).shape == (1, 3, 32, 32)
+
+
 def _script(body: str) -> str:
     return textwrap.dedent(f"""
         import sys, torch, dataclasses

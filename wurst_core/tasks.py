@@ -57,17 +57,30 @@ def drop_captions(captions: Sequence[str], gens: Sequence[torch.Generator], p: f
     return ["" if float(ui) < p else c for c, ui in zip(captions, u)]
 
 
+def random_crops(x: torch.Tensor, size: int, gens: Sequence[torch.Generator], multiple: int = 4) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image, offsets on a ``multiple`` grid (Stage A's f4 latent cells)."""
+    h, w = x.shape[-2:]
+    offsets = _draw(gens, lambda g: torch.stack([torch.randint(0, (h - size) // multiple + 1, (), generator=g),
+                                                 torch.randint(0, (w - size) // multiple + 1, (), generator=g)]))
+    return torch.stack([img[:, oy * multiple:oy * multiple + size, ox * multiple:ox * multiple + size]
+                        for img, (oy, ox) in zip(x, offsets.tolist())])
+
+
 class StageATask(nn.Module):
     """VQGAN training (Esser et al.; our own: the official repositories ship none).
 
     loss = MSE + ``l1_weight``·L1 (reconstruction from the quantised latents) + codebook loss + 0.25·commitment.
     Dead codes (unused for ``reset_every`` steps) are re-initialised to encoder outputs of the current batch, until
-    step ``reset_until`` (late resets would perturb the converged decoder).
+    step ``reset_until`` (late resets would perturb the converged decoder). ``crop``: train on random square crops of
+    this side (the network is fully convolutional, so it applies unchanged to whole images; the official VQGAN
+    recipes train on crops too).
     """
 
-    def __init__(self, stage_a: nn.Module, l1_weight: float = 0.0, reset_every: int = 200, reset_until: int | None = None):
+    def __init__(self, stage_a: nn.Module, l1_weight: float = 0.0, reset_every: int = 200, reset_until: int | None = None,
+                 crop: int = 0):
         super().__init__()
         self.stage_a = stage_a
+        self.crop = crop
         self.l1_weight = l1_weight
         self.reset_every = reset_every
         self.reset_until = reset_until
@@ -77,6 +90,8 @@ class StageATask(nn.Module):
 
     def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
         x = batch["image"]
+        if self.crop and self.crop < min(x.shape[-2:]):
+            x = random_crops(x, self.crop, gens)
         z = self.stage_a._encode_raw(x)
         z_q, indices, vq_loss = self.stage_a.quantize(z)
         recon = self.stage_a.out_block(self.stage_a.up_blocks(z_q))

@@ -233,8 +233,11 @@ def infer_config(stage: str, sd: Mapping[str, torch.Tensor]) -> Any:
     # shapes cannot tell the number of heads (or dropout): take them from a registry size that agrees otherwise
     unknowable = {k: getattr(config, k) for k in ("nhead", "dropout") if hasattr(config, k)}
     for known in NETWORKS[stage].sizes.values():
-        if dataclasses.replace(known, **unknowable) == config:
-            return known
+        try:
+            if dataclasses.replace(known, **unknowable) == config:
+                return known
+        except ValueError:  # another number of levels
+            continue
     return config
 
 
@@ -287,7 +290,8 @@ def _infer_b(sd: Mapping[str, torch.Tensor]) -> Any:
     inject = tuple(i in mappers for i in range(len(levels)))
     c_cond, clip_embd = sd["clip_mapper.weight"].shape
     emb_in = sd["embedding.1.weight"].shape[1]
-    patch = 2 if emb_in % 4 == 0 else 1  # c_in * patch**2 channels: the released model has c_in 4, patch 2
+    # c_in * patch**2 channels; c_in is Stage A's 4 latent channels in the released and the workbench models
+    patch = math.isqrt(emb_in // 4) if emb_in % 4 == 0 and math.isqrt(emb_in // 4) ** 2 == emb_in // 4 else 1
     return NETWORKS["b"].config(
         c_in=emb_in // patch ** 2, c_out=sd["clf.1.weight"].shape[0] // (2 * patch ** 2), c_r=c_r, patch_size=patch,
         c_cond=c_cond, c_hidden=tuple(c_hidden),
@@ -303,7 +307,11 @@ def _infer_semantic(sd: Mapping[str, torch.Tensor]) -> Any:
     shapes = {k: tuple(v.shape) for k, v in sd.items() if k.startswith("backbone.")}
     for backbone in ("efficientnet_v2_s", "efficientnet_v2_l", "tiny"):
         image_size = next((c.image_size for c in sizes.values() if c.backbone == backbone), 768)
-        config = cls(backbone=backbone, c_latent=c_latent, image_size=image_size)
+        extra = {}
+        if backbone == "tiny":  # one stride-2 conv per stage: its output channels are the widths
+            n = sum(1 for k in shapes if k.endswith(".0.weight") and k.count(".") == 3)
+            extra["tiny_widths"] = tuple(shapes.get(f"backbone.{i}.0.weight", (1,))[0] for i in range(n)) or (1,)
+        config = cls(backbone=backbone, c_latent=c_latent, image_size=image_size, **extra)
         with torch.device("meta"):
             candidate = NETWORKS["semantic"].model(config)
         if {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k.startswith("backbone.")} == shapes:

@@ -29,22 +29,29 @@ class SemanticCompressorConfig:
     c_latent: int = 16
     v2_scaling: bool = False  # forward returns (f + 1) / 42 (the official v2 encoder) instead of f
     image_size: int = 768     # working size that ``preprocess`` resizes to; 768 -> 24 x 24 latents
+    tiny_widths: tuple[int, ...] = TINY_WIDTHS  # "tiny" backbone only: one stride-2 stage per width
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.c_latent < 1 or self.image_size < 32:
             raise ValueError(f"c_latent must be >= 1 and image_size >= 32: {self}")
+        if self.backbone == "tiny" and (not self.tiny_widths or min(self.tiny_widths) < 1):
+            raise ValueError(f"tiny_widths must be non-empty positive channel counts: {self}")
 
     @property
     def backbone_channels(self) -> int:
-        return TINY_WIDTHS[-1] if self.backbone == "tiny" else 1280
+        return self.tiny_widths[-1] if self.backbone == "tiny" else 1280
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.tiny_widths) if self.backbone == "tiny" else 5)
 
     @property
     def latent_size(self) -> int:
         """Side of the latent map for a square input at ``image_size`` (each stride-2 layer rounds up)."""
         s = self.image_size
-        for _ in range(5):
+        for _ in range(self.stride.bit_length() - 1):
             s = (s + 1) // 2
         return s
 
@@ -79,17 +86,17 @@ def preprocess(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tenso
     return out.clamp(0, 1).to(images.dtype)
 
 
-def _tiny_backbone() -> nn.Sequential:
+def _tiny_backbone(widths: tuple[int, ...]) -> nn.Sequential:
     stages, c_in = [], 3
-    for c in TINY_WIDTHS:
+    for c in widths:
         stages.append(nn.Sequential(nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.SiLU()))
         c_in = c
     return nn.Sequential(*stages)
 
 
-def _backbone(name: str) -> nn.Sequential:
+def _backbone(name: str, tiny_widths: tuple[int, ...] = TINY_WIDTHS) -> nn.Sequential:
     if name == "tiny":
-        return _tiny_backbone()
+        return _tiny_backbone(tiny_widths)
     import torchvision  # imported here: it is slow to import and only the EfficientNet backbones need it
 
     # weights=None: no download; released or trained weights come through wurst_core.weights.load_model
@@ -103,7 +110,7 @@ class SemanticCompressor(nn.Module):
     def __init__(self, config: SemanticCompressorConfig = SemanticCompressorConfig()) -> None:
         super().__init__()
         self.config = config
-        self.backbone = _backbone(config.backbone)
+        self.backbone = _backbone(config.backbone, config.tiny_widths)
         self.mapper = nn.Sequential(nn.Conv2d(config.backbone_channels, config.c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(config.c_latent))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
