@@ -155,8 +155,6 @@ def test_semantic_latent_sizes():
 
 
 def test_tiny_compressor_stages_set_the_latent_side_and_survive_save_and_load(tmp_path):
-    import dataclasses
-
     from wurst_core.weights import load_model, save_model
 
     for widths, side in (((32, 64, 128), 8), ((32, 64, 128, 128), 4), ((8, 8, 8, 8, 16), 2)):

@@ -81,5 +81,5 @@ def test_calibrated_scale_factor_gives_unit_variance_latents():
     scale = calibrate_scale_factor(model, images)
     assert model.config.scale_factor == scale
     assert model.encode(images).std().item() == pytest.approx(1.0, abs=1e-3)
-    assert torch.allclose(model.decode(model.encode(images)), model.out_block(model.up_blocks(model._encode_raw(images))),
-                          atol=1e-5)  # decode undoes the scale
+    undone = model.out_block(model.up_blocks(model._encode_raw(images)))
+    assert torch.allclose(model.decode(model.encode(images)), undone, atol=1e-5)  # decode undoes the scale

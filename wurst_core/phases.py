@@ -21,10 +21,11 @@ from torch import nn
 
 from . import notebook
 from .diffusion import Diffusion
-from .models.semantic import SEMANTIC_SIZES, SemanticCompressor, SemanticCompressorConfig, preprocess
+from .evaluation.pixels import psnr, ssim
+from .models.semantic import (SEMANTIC_SIZES, SemanticCompressor, SemanticCompressorConfig, preprocess,
+                              tiny_backbone_widths)
 from .models.stage_a import STAGE_A_SIZES, StageA
 from .models.stage_b import STAGE_B_SIZES, StageB
-from .evaluation.pixels import psnr, ssim
 from .models.stage_c import STAGE_C_SIZES, StageC
 from .runs import Run, latest_run
 from .tasks import StageATask, StageBTask, StageCTask, TextCache, freeze
@@ -34,28 +35,8 @@ STAGE_NOTEBOOKS = {"a": "03_stage_a", "b": "04_stage_b", "c": "05_stage_c"}
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def load_images(kind: str, n: int, resolution: int, seed: int, split: str, data_dir: str = "",
-                progress: bool = True) -> dict[str, Any]:
-    """Materialise ``n`` items of a dataset in memory: {"image": (n,3,H,W), "caption": [...], "attributes": [...]}.
-
-    Rendering dominates tiny CPU runs, so every phase renders its pool once and re-uses it across epochs.
-    """
-    from tqdm.auto import tqdm
-
-    from .data import make_dataset
-
-    kw: dict[str, Any] = {"size": n, "resolution": resolution, "seed": seed, "split": split}
-    if kind == "folder":
-        kw = {"root": data_dir, "resolution": resolution, "seed": seed, "split": split}
-    ds = make_dataset(kind, **kw)
-    n = min(n, len(ds))
-    items = [ds[i] for i in tqdm(range(n), desc=f"render {kind}/{split}", disable=not progress, mininterval=1.0)]
-    return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
-            "attributes": [it.get("attributes") for it in items]}
-
-
 class Stream:
-    """Training items rendered (or read) on demand, ``get(indices) -> {"image", "caption"}``.
+    """Training items rendered (or read) on demand: ``stream(indices) -> {"image", "caption"}``.
 
     The procedural generator renders ~4,000 images/s, so a fresh image for every sample costs less than 3 % of a
     tiny training step, and a large ``n_train`` means the networks rarely see an image twice: no memorisation of a
@@ -77,6 +58,23 @@ class Stream:
     def __call__(self, idx: list[int]) -> dict[str, Any]:
         items = [self.dataset[i] for i in idx]
         return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+
+    def head(self, n: int) -> torch.Tensor:
+        """The images of the first ``n`` items (statistics such as latent scales)."""
+        return self(list(range(min(n, self.n))))["image"]
+
+
+def load_images(kind: str, n: int, resolution: int, seed: int, split: str, data_dir: str = "",
+                progress: bool = True) -> dict[str, Any]:
+    """Materialise ``n`` items of a dataset in memory: {"image": (n,3,H,W), "caption": [...], "attributes": [...]}
+    (held-out sets, evaluated several times)."""
+    from tqdm.auto import tqdm
+
+    stream = Stream(kind, n, resolution, seed, split, data_dir)
+    items = [stream.dataset[i] for i in tqdm(range(len(stream)), desc=f"render {kind}/{split}", disable=not progress,
+                                             mininterval=1.0)]
+    return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
+            "attributes": [it.get("attributes") for it in items]}
 
 
 # ----------------------------------------------------------------------------------------------------- params
@@ -317,7 +315,7 @@ def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResu
     # gets the std of its own latents (as Stable Diffusion's scale factor), so that Stage B sees unit variance: with
     # std 2.4 instead, the cosine schedule leaves so much signal at t ~ 1 that the eps-parameterised x0 estimate
     # there is useless and Stage B's samples lose their objects.
-    calibrate_scale_factor(model, train(list(range(min(512, len(train)))))["image"])
+    calibrate_scale_factor(model, train.head(512))
     metrics = stage_a_metrics(model, val["image"])
     metrics.update(train_seconds=train_seconds, wall_seconds=time.time() - t0, steps=p.steps,
                    scale_factor=model.config.scale_factor,
@@ -371,8 +369,7 @@ def train_stage_b(p: StageBParams, run: Run, progress: bool = True) -> PhaseResu
     _seed_all(p.seed)
     comp_cfg: SemanticCompressorConfig = dataclasses.replace(SEMANTIC_SIZES[p.compressor], image_size=p.sc_size)
     if comp_cfg.backbone == "tiny" and p.compressor_stages:
-        comp_cfg = dataclasses.replace(comp_cfg, tiny_widths=tuple(min(128, 32 * 2 ** i)
-                                                                   for i in range(p.compressor_stages)))
+        comp_cfg = dataclasses.replace(comp_cfg, tiny_widths=tiny_backbone_widths(p.compressor_stages))
     compressor = SemanticCompressor(comp_cfg)
     if p.compressor_weights:
         loaded = load_model(p.compressor_weights, "semantic")
@@ -419,7 +416,7 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir)
     val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
     # unit-variance statistics of the frozen compressor's latents ("std" scaling)
-    f = _batched(lambda x: compressor(preprocess(x, sc_size)), train(list(range(min(512, len(train)))))["image"])
+    f = _batched(lambda x: compressor(preprocess(x, sc_size)), train.head(512))
     mean, std = f.mean().item(), f.std().item()
     _seed_all(p.seed)
     cfg = dataclasses.replace(STAGE_C_SIZES[p.size], c_cond=text.encoder.width, c_in=compressor.config.c_latent)

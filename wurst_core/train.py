@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -90,13 +91,19 @@ def _mix(*xs: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    # cached: a streamed training set is large (tiny: 200k), and every step of an epoch takes its slice of this
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Dataset indices of the global batch at ``step``: epochs are seeded permutations of ``range(n)``."""
     out: list[int] = []
     start = step * batch_size
     while len(out) < batch_size:
         epoch, pos = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch, 1)))
+        perm = _epoch_permutation(n, seed, epoch)
         take = min(batch_size - len(out), n - pos)
         out += perm[pos:pos + take].tolist()
     return out

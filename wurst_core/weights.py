@@ -308,9 +308,10 @@ def _infer_semantic(sd: Mapping[str, torch.Tensor]) -> Any:
     for backbone in ("efficientnet_v2_s", "efficientnet_v2_l", "tiny"):
         image_size = next((c.image_size for c in sizes.values() if c.backbone == backbone), 768)
         extra = {}
-        if backbone == "tiny":  # one stride-2 conv per stage: its output channels are the widths
-            n = sum(1 for k in shapes if k.endswith(".0.weight") and k.count(".") == 3)
-            extra["tiny_widths"] = tuple(shapes.get(f"backbone.{i}.0.weight", (1,))[0] for i in range(n)) or (1,)
+        if backbone == "tiny":  # one stride-2 conv per stage (backbone.<i>.0): its output channels are the widths
+            convs = sorted((int(m[1]), shape[0]) for k, shape in shapes.items()
+                           if (m := re.fullmatch(r"backbone\.(\d+)\.0\.weight", k)))
+            extra["tiny_widths"] = tuple(c for _, c in convs) or (1,)
         config = cls(backbone=backbone, c_latent=c_latent, image_size=image_size, **extra)
         with torch.device("meta"):
             candidate = NETWORKS["semantic"].model(config)

@@ -23,6 +23,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TINY_WIDTHS = (32, 48, 64, 96, 128)  # five stride-2 stages: stride 32 like EfficientNet
 
 
+def tiny_backbone_widths(stages: int) -> tuple[int, ...]:
+    """Widths of a ``stages``-stage tiny backbone: doubling from 32, capped at 128 (4 stages: 64 px -> 4 x 4)."""
+    return tuple(min(128, 32 * 2 ** i) for i in range(stages))
+
+
 @dataclass(frozen=True)
 class SemanticCompressorConfig:
     backbone: str = "efficientnet_v2_s"
@@ -44,14 +49,15 @@ class SemanticCompressorConfig:
         return self.tiny_widths[-1] if self.backbone == "tiny" else 1280
 
     @property
-    def stride(self) -> int:
-        return 2 ** (len(self.tiny_widths) if self.backbone == "tiny" else 5)
+    def stages(self) -> int:
+        """Stride-2 stages of the backbone (EfficientNet: 5, stride 32)."""
+        return len(self.tiny_widths) if self.backbone == "tiny" else 5
 
     @property
     def latent_size(self) -> int:
         """Side of the latent map for a square input at ``image_size`` (each stride-2 layer rounds up)."""
         s = self.image_size
-        for _ in range(self.stride.bit_length() - 1):
+        for _ in range(self.stages):
             s = (s + 1) // 2
         return s
 
