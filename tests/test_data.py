@@ -90,6 +90,32 @@ def test_render_draws_each_object_in_its_colour_on_the_background():
         assert torch.allclose(image[:, outside], bg[:, None], atol=1 / 255)
 
 
+@pytest.mark.parametrize("kind", procedural.COUNTERFACTUALS)
+def test_counterfactual_changes_exactly_one_attribute(kind):
+    ds = ProceduralDataset(60, 64, seed=3)
+    rng = random.Random(0)
+    cell = lambda o: (o["vpos"], o["hpos"])  # noqa: E731
+    for i in range(len(ds)):
+        attrs = ds.attributes(i)
+        twin = procedural.counterfactual(attrs, kind, rng)
+        assert twin["background"] == attrs["background"] and twin["count"] == attrs["count"]
+        assert procedural.signature(twin) != procedural.signature(attrs)
+        for o, t in zip(attrs["objects"], twin["objects"]):
+            for key in ("shape", "color", "size"):
+                assert (t[key] != o[key]) == (key == kind), (kind, o, t)
+            assert (cell(t) != cell(o)) == (kind == "position"), (kind, o, t)
+            # still inside its own grid cell, so the caption's position phrase stays true
+            r = procedural.SIZE_FRACTION[t["size"]] / 2
+            col, row = procedural.HPOS.index(t["hpos"]), procedural.VPOS.index(t["vpos"])
+            assert col / 3 <= t["cx"] - r and t["cx"] + r <= (col + 1) / 3
+            assert row / 3 <= t["cy"] - r and t["cy"] + r <= (row + 1) / 3
+        assert len({cell(o) for o in twin["objects"]}) == twin["count"]
+        assert procedural.signature(procedural.parse_caption(procedural.caption(twin))) == procedural.signature(twin)
+    assert attrs == ds.attributes(len(ds) - 1), "the original scene is not modified"
+    with pytest.raises(ValueError, match="kind"):
+        procedural.counterfactual(attrs, "texture", rng)
+
+
 def test_render_any_resolution_and_bad_attributes():
     attrs = {"background": "black", "count": 1,
              "objects": [{"shape": "square", "color": "blue", "size": "large", "cx": 0.5, "cy": 0.5,

@@ -305,3 +305,37 @@ def test_prompt_loaders(tmp_path):
         E.load_parti_prompts(tmp_path / "missing.tsv")
     with pytest.raises(ValueError, match="COCO"):
         E.load_coco_captions(tmp_path / "ln.jsonl")
+
+
+# ----------------------------------------------------------------------------------------- caption sensitivity
+def test_counterfactual_captions_change_only_their_attribute():
+    from wurst_core.data import ProceduralDataset
+    from wurst_core.data.procedural import parse_caption
+
+    attrs = [ProceduralDataset(12, 64, seed=0, split="val").attributes(i) for i in range(12)]
+    caps = E.counterfactual_captions(attrs, seed=0)
+    assert set(caps) == {"true", "empty", "position", "shape", "size", "color"}
+    assert caps["empty"] == [""] * 12
+    for i, a in enumerate(attrs):
+        true = parse_caption(caps["true"][i])
+        moved = parse_caption(caps["position"][i])
+        key = lambda o: sorted((k, v) for k, v in o.items() if k not in ("hpos", "vpos"))  # noqa: E731
+        assert sorted(map(key, true["objects"])) == sorted(map(key, moved["objects"]))
+        assert true != moved and parse_caption(caps["color"][i]) != true
+    assert E.counterfactual_captions(attrs, seed=0) == caps  # reproducible
+
+
+def test_caption_sensitivity_is_zero_for_ignored_tokens_and_positive_for_read_ones():
+    x0 = torch.randn(10, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    tokens = {"true": torch.zeros(10, 3, 8), "same": torch.zeros(10, 3, 8), "other": torch.ones(10, 3, 8)}
+
+    def reads_text(x, r, tok):  # a denoiser whose output depends on the tokens
+        return 0.9 * x + tok.mean(dim=(1, 2))[:, None, None, None]
+
+    gaps = E.caption_sensitivity(reads_text, x0, tokens, ts=(0.5, 0.9), batch_size=4)
+    assert list(gaps.index) == [0.5, 0.9] and list(gaps.columns) == ["same", "other"]
+    assert (gaps["same"] == 0).all() and (gaps["other"] > 0.1).all()
+    blind = E.caption_sensitivity(lambda x, r, tok: 0.9 * x, x0, tokens, ts=(0.5,))
+    assert (blind == 0).all().all()
+    with pytest.raises(ValueError, match="true"):
+        E.caption_sensitivity(reads_text, x0, {"other": tokens["other"]})

@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from torch import nn
 
 from wurst_core import text as T
 
@@ -129,6 +130,47 @@ def test_tiny_clip_retrieval_well_above_chance(trained):
     assert m["t2i_top1"] >= 4 * m["chance_top1"], m
     assert m["t2i_top5"] >= 3 * m["chance_top5"], m
     assert m["t2i_background"] >= 0.6, m  # chance 1/4
+
+
+def test_twins_are_hard_negatives_and_measured(trained):
+    import random
+
+    from wurst_core.data import ProceduralDataset
+    from wurst_core.data.procedural import COUNTERFACTUALS, parse_caption, signature
+
+    ds = ProceduralDataset(6, 64, seed=0)
+    items = [ds[i] for i in range(4)]
+    batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+    out = T.add_twins(batch, [it["attributes"] for it in items], 2, random.Random(0))
+    assert out["image"].shape == (6, 3, 64, 64) and len(out["caption"]) == 6
+    for original, twin in zip(items[:2], out["caption"][4:]):
+        a, b = parse_caption(original["caption"]), parse_caption(twin)
+        assert a["background"] == b["background"] and a["count"] == b["count"] and signature(a) != signature(b)
+    # measured on held-out scenes: one rate per kind of change, chance 0.5
+    model, _, _ = trained
+    held_out = ProceduralDataset(32, 64, seed=0, split="val")
+    acc = T.twin_accuracy(model, held_out, n=32)
+    assert set(acc) == set(COUNTERFACTUALS) and all(0.0 <= v <= 1.0 for v in acc.values())
+
+    class TextBlind(nn.Module):  # sees images, gives every caption the same feature
+        visual = type("V", (), {"image_size": (64, 64)})
+        logit_scale = torch.zeros(())
+        proj = torch.randn(3 * 64 * 64, 16, generator=torch.Generator().manual_seed(0))
+
+        def encode_image(self, x):
+            return x.flatten(1) @ self.proj
+
+        def encode_text(self, ids):
+            return torch.ones(ids.shape[0], 16)
+
+    # a caption cannot prefer its own image when text carries nothing: exactly one direction of each pair wins
+    assert T.twin_accuracy(TextBlind(), held_out, n=32) == {k: 0.5 for k in COUNTERFACTUALS}
+    with pytest.raises(ValueError, match="attributes"):
+        T.twin_accuracy(model, [{"image": torch.zeros(3, 64, 64), "caption": "x"}])
+    with pytest.raises(ValueError, match="twins"):
+        T.ClipTraining(steps=1, batch_size=8, twins=0.75)
+    with pytest.raises(ValueError, match="twin_kinds"):
+        T.ClipTraining(steps=1, batch_size=8, twin_kinds=("texture",))
 
 
 def test_tiny_clip_saved_reloaded_frozen_and_cached(trained, monkeypatch):

@@ -10,6 +10,8 @@ The public surface of ``wurst_core.evaluation`` (one module per topic):
 * ``preference``: :class:`ClipJudge` (open_clip or transformers CLIP), :func:`clip_score`, the PickScore
   procedure (:func:`pick_scores`, :func:`preference_probs`, :func:`win_rate`), :func:`load_pickscore`.
 * ``prompts``: COCO captions, Localized Narratives and PartiPrompts loaders for local files.
+* ``sensitivity``: :func:`caption_sensitivity` (which caption attributes a trained prior reads: its loss with
+  counterfactual captions, :func:`counterfactual_captions`).
 * ``tables``: :func:`table1`, :func:`table2`, :func:`carbon_kg`, :data:`PAPER_TABLE2`.
 * ``generators``: ``prompts -> images`` callables and reference rows; ``study``: the notebook's evaluation.
 """
@@ -24,6 +26,7 @@ from .evaluation.preference import (ClipJudge, clip_preprocess, clip_score, load
 from .evaluation.probe import (PROBE_SIZES, AttributeProbe, CompositionalResult, ProbeConfig, ProbeSpec,
                                ProbeTraining, chance_truths, compositional_accuracy, scene_checks, train_probe)
 from .evaluation.prompts import load_coco_captions, load_localized_narratives, load_parti_prompts
+from .evaluation.sensitivity import caption_sensitivity, counterfactual_captions
 from .evaluation.stats import Estimate, bootstrap, mean_ci
 from .evaluation.study import (EvaluationParams, EvaluationResult, compositional_figure, run_evaluation,
                                samples_figure, save_outputs)
@@ -38,7 +41,7 @@ __all__ = [
     "PROBE_SIZES", "AttributeProbe", "CompositionalResult", "ProbeConfig", "ProbeSpec", "ProbeTraining",
     "chance_truths", "compositional_accuracy", "scene_checks", "train_probe",
     "load_coco_captions", "load_localized_narratives", "load_parti_prompts",
-    "Estimate", "bootstrap", "mean_ci",
+    "Estimate", "bootstrap", "mean_ci", "caption_sensitivity", "counterfactual_captions",
     "EvaluationParams", "EvaluationResult", "run_evaluation", "save_outputs", "samples_figure", "compositional_figure",
     "PAPER_TABLE2", "Table2Row", "carbon_kg", "table1", "table2",
 ]

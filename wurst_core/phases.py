@@ -441,14 +441,45 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     metrics = {"final_loss": float(history["loss"].iloc[-5:].mean()), "train_seconds": train_seconds,
                "wall_seconds": time.time() - t0, "steps": p.steps, "latent_mean": mean, "latent_std": std,
                "parameters_stage_c": sum(q.numel() for q in stage_c.parameters())}
+    figs = {}
+    if p.dataset == "procedural":  # which caption words the prior reads (evaluation/sensitivity.py)
+        sens = stage_c_sensitivity(stage_c, task, val["attributes"][:128], val["image"][:128], p.seed)
+        metrics["caption_sensitivity"] = sens.mean().to_dict()
+        figs["sensitivity"] = save_figure(sensitivity_figure(sens), run.figure("caption_sensitivity"))
     cols = min(8, len(prompts))
     rows = [images[i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
     truth = [val["image"][i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
     grid = [r for pair in zip(truth, rows) for r in pair]
     titles = [t for _ in rows for t in ("held-out real", "generated")]
-    figs = {"samples": save_figure(image_grid(grid, titles, prompts[:cols]), run.figure("samples")),
-            "loss": save_figure(loss_figure(history), run.figure("loss"))}
+    figs.update({"samples": save_figure(image_grid(grid, titles, prompts[:cols]), run.figure("samples")),
+                 "loss": save_figure(loss_figure(history), run.figure("loss"))})
     return PhaseResult(history, metrics, {"stage_c": stage_c, "pipeline": pipe}, figs)
+
+
+def stage_c_sensitivity(stage_c: nn.Module, task: StageCTask, attributes: list[dict[str, Any]], images: torch.Tensor,
+                        seed: int = 0, ts: tuple[float, ...] = (0.4, 0.6, 0.8, 0.95)) -> pd.DataFrame:
+    """Relative rise of Stage C's loss on held-out latents when the captions' positions, shapes, sizes or colours
+    are changed, or the caption is dropped (:func:`wurst_core.evaluate.caption_sensitivity`); rows: t."""
+    from .evaluate import caption_sensitivity, counterfactual_captions
+
+    captions = counterfactual_captions(attributes, seed=seed)
+    with torch.no_grad():
+        tokens = {k: task.text.encoder(c).tokens.float() for k, c in captions.items()}
+    return caption_sensitivity(stage_c.eval(), task.encode(images), tokens, ts=ts, seed=seed)
+
+
+def sensitivity_figure(sens: pd.DataFrame):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    for col in sens.columns:
+        ax.plot(sens.index, 100 * sens[col], marker="o", label=col)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="t (noise level)", ylabel="loss rise vs the true caption (%)",
+           title="Which caption words Stage C reads")
+    ax.legend(title="caption changed", fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def tiny_pipeline(stage_c: nn.Module | None, stage_b: nn.Module, stage_a: nn.Module, text: nn.Module,

@@ -98,16 +98,46 @@ def sample_layout(rng: random.Random, count: int,
 
     Returns dicts with ``size, cx, cy, hpos, vpos`` (shared by the procedural and emoji datasets).
     """
-    cells = rng.sample(range(9), count)
-    layout = []
-    for cell in cells:
-        row, col = divmod(cell, 3)
-        size = rng.choice(SIZES)
-        slack = max(0.0, (1 / 3 - size_fraction[size]) / 2 * 0.9)  # keep the whole object inside its cell
-        cx = (col + 0.5) / 3 + rng.uniform(-slack, slack)
-        cy = (row + 0.5) / 3 + rng.uniform(-slack, slack)
-        layout.append({"size": size, "cx": round(cx, 4), "cy": round(cy, 4), "hpos": HPOS[col], "vpos": VPOS[row]})
-    return layout
+    return [place(rng, rng.choice(SIZES), cell, size_fraction) for cell in rng.sample(range(9), count)]
+
+
+def place(rng: random.Random, size: str, cell: int,
+          size_fraction: dict[str, float] = SIZE_FRACTION) -> dict[str, Any]:
+    """An object of ``size`` in grid ``cell`` (0-8, row-major): ``size, cx, cy, hpos, vpos``, centre jittered."""
+    row, col = divmod(cell, 3)
+    slack = max(0.0, (1 / 3 - size_fraction[size]) / 2 * 0.9)  # keep the whole object inside its cell
+    cx = (col + 0.5) / 3 + rng.uniform(-slack, slack)
+    cy = (row + 0.5) / 3 + rng.uniform(-slack, slack)
+    return {"size": size, "cx": round(cx, 4), "cy": round(cy, 4), "hpos": HPOS[col], "vpos": VPOS[row]}
+
+
+COUNTERFACTUALS: tuple[str, ...] = ("position", "shape", "size", "color")
+
+
+def counterfactual(attributes: dict[str, Any], kind: str, rng: random.Random) -> dict[str, Any]:
+    """The same scene with one attribute ``kind`` changed for every object (a hard negative for contrastive
+    training, and a minimal pair for measuring what a text encoder distinguishes).
+
+    ``position``: the objects move to other cells (each object leaves its own cell); ``shape``/``color``: each
+    object takes another value; ``size``: small and large swap. Background and count stay.
+    """
+    if kind not in COUNTERFACTUALS:
+        raise ValueError(f"kind must be one of {COUNTERFACTUALS}, got {kind!r}")
+    objects = [dict(o) for o in attributes["objects"]]
+    if kind == "position":
+        own = [VPOS.index(o["vpos"]) * 3 + HPOS.index(o["hpos"]) for o in objects]
+        while True:  # a derangement of cells: with at most 3 of 9 cells this takes a couple of draws
+            cells = rng.sample(range(9), len(objects))
+            if all(c != o for c, o in zip(cells, own)):
+                break
+        objects = [{**o, **place(rng, o["size"], c)} for o, c in zip(objects, cells)]
+    elif kind == "size":
+        objects = [{**o, **place(rng, "small" if o["size"] == "large" else "large",
+                                 VPOS.index(o["vpos"]) * 3 + HPOS.index(o["hpos"]))} for o in objects]
+    else:
+        values = list(SHAPES if kind == "shape" else COLORS)
+        objects = [{**o, kind: rng.choice([v for v in values if v != o[kind]])} for o in objects]
+    return {**attributes, "objects": objects}
 
 
 def sample_attributes(rng: random.Random, min_objects: int = 1, max_objects: int = 3) -> dict[str, Any]:

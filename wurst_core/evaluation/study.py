@@ -11,6 +11,7 @@ has a bootstrap CI. Tables follow the paper's Table 1 (preference) and Table 2 (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -131,10 +132,12 @@ def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudg
     from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
 
     judge_seed = 1000 + p.seed
-    directory = paths.cache_dir() / p.profile / f"judge_clip_seed{judge_seed}_steps{p.judge_steps}"
+    training = dataclasses.replace(CLIP_TRAINING[p.profile], steps=p.judge_steps)
+    # the cache is keyed by the whole training recipe: a changed recipe trains a new judge
+    digest = hashlib.sha1(json.dumps(dataclasses.asdict(training), sort_keys=True).encode()).hexdigest()[:8]
+    directory = paths.cache_dir() / p.profile / f"judge_clip_seed{judge_seed}_steps{p.judge_steps}_{digest}"
     if not (directory / "model.json").is_file():
         log(f"training the judge CLIP (seed {judge_seed}, {p.judge_steps} steps) ...")
-        training = dataclasses.replace(CLIP_TRAINING[p.profile], steps=p.judge_steps)
         train_and_save_tiny_clip(p.profile, seed=judge_seed, progress=False, directory=directory, training=training)
     model, _, meta = load_tiny_clip(directory)
     t2i = meta.get("retrieval", {}).get("t2i_top1")
