@@ -69,6 +69,28 @@ def test_text_encoder_shapes_and_open_clip_parity(clip):
         T.TextEncoder(enc.text, layer="middle")
 
 
+def test_shorter_context_only_drops_padding_positions(clip):
+    """The tiny profile's 48-position CLIP: with the causal mask its outputs equal the first 48 of the 77-position
+    tower with the same weights, for every caption that fits; the ids and every consumer follow the model's context."""
+    short_cfg = dataclasses.replace(SMOKE, context_length=48)
+    short = T.create_tiny_clip(short_cfg, seed=0)
+    sd = {k: v[:48] if k == "positional_embedding" else v for k, v in clip.state_dict().items()}
+    short.load_state_dict(sd)
+    prompts = PROMPTS[:2]
+    for hf_padding in (False, True):
+        long_out = T.TextEncoder.from_clip(clip, SMOKE.name, hf_padding=hf_padding)(prompts)
+        enc = T.TextEncoder.from_clip(short, short_cfg.name, hf_padding=hf_padding)
+        out = enc(prompts)
+        assert enc.context_length == 48 and out.tokens.shape == (2, 48, SMOKE.text_width)
+        assert torch.allclose(out.tokens, long_out.tokens[:, :48], atol=1e-5)
+        assert torch.allclose(out.pooled, long_out.pooled, atol=1e-5)
+    from wurst_core.evaluation.preference import ClipJudge
+
+    judge = ClipJudge.from_open_clip(short)  # tokenises to the model's 48 positions
+    with torch.no_grad():
+        assert torch.allclose(judge.encode_text(prompts), short.encode_text(T.tokenize(prompts, 48)), atol=1e-6)
+
+
 @pytest.mark.parametrize("layer", T.LAYERS)
 def test_matches_transformers_clip_text_model_as_diffusers_calls_it(clip, layer):
     enc = T.TextEncoder.from_clip(clip, SMOKE.name, layer=layer)

@@ -87,7 +87,8 @@ def _count(fn: Any) -> int:
 
 def forward_flops(stage: str, size: str, image_size: int = 1024) -> dict[str, int]:
     """FLOPs of one forward pass for one image of ``image_size`` px (batch 1; a multiply-add counts 2).
-    Stage A reports ``encode`` and ``decode`` separately; Stage B/C get 77 text tokens."""
+    Stage A reports ``encode`` and ``decode`` separately; Stage B/C get 77 text tokens (the released context;
+    the tiny CLIP has 48)."""
     model = build_model(stage, size, device="meta").eval()
     cfg = model.config
     s = latent_sides(image_size)

@@ -100,7 +100,8 @@ class ClipJudge:
                        name: str = "open_clip") -> "ClipJudge":
         """Wrap an open_clip ``CLIP``; the default tokenizer is open_clip's CLIP BPE (ships in the wheel)."""
         model = model.eval()
-        tok = tokenizer or _bpe_tokenizer()
+        context = int(getattr(model, "context_length", 77))
+        tok = tokenizer or (lambda texts: _bpe_tokenizer()(texts, context_length=context))
         size = model.visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
         device = next(model.parameters()).device
