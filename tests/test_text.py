@@ -74,6 +74,9 @@ def test_shorter_context_only_drops_padding_positions(clip):
     tower with the same weights, for every caption that fits; the ids and every consumer follow the model's context."""
     short_cfg = dataclasses.replace(SMOKE, context_length=48)
     short = T.create_tiny_clip(short_cfg, seed=0)
+    init77 = T.create_tiny_clip(SMOKE, seed=0).state_dict()  # same initialisation, first 48 positions
+    for k, v in short.state_dict().items():
+        assert torch.equal(v, init77[k][:48] if k == "positional_embedding" else init77[k]), k
     sd = {k: v[:48] if k == "positional_embedding" else v for k, v in clip.state_dict().items()}
     short.load_state_dict(sd)
     prompts = PROMPTS[:2]
