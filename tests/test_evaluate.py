@@ -240,9 +240,13 @@ def test_scene_checks_define_all_correct_exactly():
     assert c["color"] and c["shape"] and c["position"] and c["count"] and not c["all_correct"]
     moved = {"background": "white", "objects": [{**red_circle, "hpos": "center"}, blue_square]}
     c = E.scene_checks(moved, truth, spec)
-    assert not c["position"] and c["shape"] and not c["all_correct"]
+    assert not c["position"] and c["shape"] and not c["all_correct"] and c["cell_recall"] == 0.5
     c = E.scene_checks({"background": "black", "objects": [red_circle]}, truth, spec)
-    assert not c["count"] and not c["background"] and not c["all_correct"]
+    assert not c["count"] and not c["background"] and not c["all_correct"] and c["cell_recall"] == 0.5
+    extra = {"background": "white", "objects": [red_circle, blue_square, {**red_circle, "hpos": "center"}]}
+    c = E.scene_checks(extra, truth, spec)  # partial credit: both prompt cells are filled, plus one more
+    assert not c["position"] and c["cell_recall"] == 1.0
+    assert E.scene_checks({"background": "white", "objects": []}, truth, spec)["cell_recall"] == 0.0
     with pytest.raises(ValueError, match="unknown color"):
         P.encode_targets(spec, [{"background": "white", "objects": [{**red_circle, "color": "teal"}]}])
 

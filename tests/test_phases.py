@@ -83,3 +83,22 @@ def test_calibrated_scale_factor_gives_unit_variance_latents():
     assert model.encode(images).std().item() == pytest.approx(1.0, abs=1e-3)
     undone = model.out_block(model.up_blocks(model._encode_raw(images)))
     assert torch.allclose(model.decode(model.encode(images)), undone, atol=1e-5)  # decode undoes the scale
+
+
+def test_stage_c_objective_is_the_released_one_except_the_tiny_noise_shift(monkeypatch):
+    from wurst_core.diffusion import Diffusion
+
+    monkeypatch.delenv("WURST_PROFILE", raising=False)
+    assert notebook.build(StageCParams, {"profile": "paper"}).diffusion() == Diffusion()  # p2, stretched t, no shift
+    assert notebook.build(StageCParams, {"profile": "smoke"}).diffusion() == Diffusion()
+    tiny = notebook.build(StageCParams, {"profile": "tiny"}).diffusion()
+    assert (tiny.weight, tiny.t_sampler, tiny.schedule.shift) == ("p2", "uniform", 2.0)
+    g = torch.Generator().manual_seed(0)
+    released = Diffusion()
+    ab_tiny = tiny.schedule.alpha_bar(tiny.sample_t(20_000, g)).mean()
+    ab_released = released.schedule.alpha_bar(released.sample_t(20_000, g)).mean()
+    assert ab_tiny < ab_released - 0.05, "the shifted objective trains at more noise"
+    with pytest.raises(ValueError, match="t sampler"):
+        notebook.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"}).diffusion()
+    with pytest.raises(ValueError, match="shift"):
+        notebook.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0}).diffusion()

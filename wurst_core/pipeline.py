@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import notebook
 from .evaluation.pixels import psnr
+from .diffusion import CosineSchedule
 from .samplers import make_timesteps, sample
 
 RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
@@ -82,6 +83,8 @@ class Pipeline:
     ``reconstruct`` and ``variations``. ``stage_c_scaling``: the data space Stage C was trained on, undone before
     Stage B: "v2" = ``(f + 1)/42`` (the released prior; samples map back with ``x*42 - 1``), "std" =
     ``(f - stage_c_mean)/stage_c_std``, "none" = the raw compressor output (``wurst_core.tasks.StageCTask``).
+    ``stage_c_shift``: the logSNR shift of Stage C's training t (1 = the released prior); Stage C then samples on the
+    shifted schedule (uniform steps in shifted time, as StableCascade's GDF samples with its training schedule).
     ``resolution_multiple`` / ``latent_dim_scale``: image pixels per Stage C latent pixel and Stage B per Stage C
     latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
     ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
@@ -93,17 +96,18 @@ class Pipeline:
                  prior_text_encoder: Callable[[list[str]], Any] | None = None,
                  decoder_text_encoder: Callable[[list[str]], Any] | None = None, *,
                  semantic_compressor: nn.Module | None = None, stage_c_scaling: str = "v2",
-                 stage_c_mean: float = 0.0, stage_c_std: float = 1.0,
+                 stage_c_mean: float = 0.0, stage_c_std: float = 1.0, stage_c_shift: float = 1.0,
                  resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
                  compressor_size: int | None = None, autocast: bool | None = None) -> None:
         if stage_c_scaling not in STAGE_C_SCALINGS:
             raise ValueError(f"stage_c_scaling must be one of {STAGE_C_SCALINGS}, got {stage_c_scaling!r}")
-        if resolution_multiple <= 0 or latent_dim_scale <= 0 or stage_c_std <= 0:
-            raise ValueError("resolution_multiple, latent_dim_scale and stage_c_std must be > 0")
+        if resolution_multiple <= 0 or latent_dim_scale <= 0 or stage_c_std <= 0 or stage_c_shift <= 0:
+            raise ValueError("resolution_multiple, latent_dim_scale, stage_c_std and stage_c_shift must be > 0")
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
         self.prior_text_encoder, self.decoder_text_encoder = prior_text_encoder, decoder_text_encoder
         self.semantic_compressor = semantic_compressor
         self.stage_c_scaling, self.stage_c_mean, self.stage_c_std = stage_c_scaling, stage_c_mean, stage_c_std
+        self.stage_c_shift = stage_c_shift
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
         self.compressor_size = compressor_size
         self.autocast = autocast
@@ -178,7 +182,7 @@ class Pipeline:
                              lambda tmp, src=source / name: shutil.copyfile(src, tmp))
         write_json(directory / "pipeline.json", {
             "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
-            "stage_c_std": self.stage_c_std, "resolution_multiple": self.resolution_multiple,
+            "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift, "resolution_multiple": self.resolution_multiple,
             "latent_dim_scale": self.latent_dim_scale, "compressor_size": self.compressor_size})
         return directory
 
@@ -267,7 +271,8 @@ class Pipeline:
                    {"text_tokens": text_embeds},
                    {"text_tokens": negative_text_embeds} if negative_text_embeds is not None else None,
                    guidance, sampler, generator=generator, progress=progress, device=self.device,
-                   callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None)
+                   callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None,
+                   schedule=CosineSchedule(shift=self.stage_c_shift))
         return self.unscale_stage_c(x)
 
     def unscale_stage_c(self, x: Tensor) -> Tensor:

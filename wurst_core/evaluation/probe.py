@@ -10,7 +10,9 @@ learned reader in place of a detector):
 * per image and attribute, binary (GenEval style): ``count`` (number of objects), ``position`` (the set of
   occupied cells), ``background``, and each object field as a multiset (``shape``: the same shapes, in any cells);
 * ``all_correct``: the predicted scene equals the prompt's scene: background, and every object with all its
-  fields in its cell (attribute binding included).
+  fields in its cell (attribute binding included);
+* ``cell_recall``, with partial credit: the fraction of the prompt's objects whose cell holds a predicted object
+  (``position`` fails a scene with one object misplaced or one extra; this measures how far positions follow).
 
 The probe's own accuracy on held-out real images is the ceiling that generated images are compared with.
 
@@ -312,8 +314,9 @@ def train_probe(images: Tensor, attributes: Sequence[Mapping[str, Any]], spec: P
 
 # ---- scoring ---------------------------------------------------------------------------------------------
 
-def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: ProbeSpec) -> dict[str, bool]:
-    """Per-attribute binary checks of one predicted scene against the prompt's (see module docstring)."""
+def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: ProbeSpec) -> dict[str, float]:
+    """Per-attribute checks of one predicted scene against the prompt's, 1.0 or 0.0 (``cell_recall``: a fraction;
+    see module docstring)."""
     names = [n for n, _ in spec.object_fields]
     p_objs, t_objs = list(predicted["objects"]), list(truth["objects"])
     checks = {
@@ -328,6 +331,9 @@ def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: P
         return sorted((cell_index(o), *(o[n] for n in names)) for o in objs)
 
     checks["all_correct"] = checks["background"] and scene(p_objs) == scene(t_objs)
+    t_cells = {cell_index(o) for o in t_objs}
+    checks = {k: float(v) for k, v in checks.items()}
+    checks["cell_recall"] = len(t_cells & set(map(cell_index, p_objs))) / len(t_cells) if t_cells else 1.0
     return checks
 
 
