@@ -240,13 +240,17 @@ def test_scene_checks_define_all_correct_exactly():
     assert c["color"] and c["shape"] and c["position"] and c["count"] and not c["all_correct"]
     moved = {"background": "white", "objects": [{**red_circle, "hpos": "center"}, blue_square]}
     c = E.scene_checks(moved, truth, spec)
-    assert not c["position"] and c["shape"] and not c["all_correct"] and c["cell_recall"] == 0.5
+    assert not c["position"] and c["shape"] and not c["all_correct"] and c["cell_iou"] == pytest.approx(1 / 3)
     c = E.scene_checks({"background": "black", "objects": [red_circle]}, truth, spec)
-    assert not c["count"] and not c["background"] and not c["all_correct"] and c["cell_recall"] == 0.5
+    assert not c["count"] and not c["background"] and not c["all_correct"] and c["cell_iou"] == 0.5
     extra = {"background": "white", "objects": [red_circle, blue_square, {**red_circle, "hpos": "center"}]}
-    c = E.scene_checks(extra, truth, spec)  # partial credit: both prompt cells are filled, plus one more
-    assert not c["position"] and c["cell_recall"] == 1.0
-    assert E.scene_checks({"background": "white", "objects": []}, truth, spec)["cell_recall"] == 0.0
+    c = E.scene_checks(extra, truth, spec)  # partial credit: both prompt cells are filled, and one more
+    assert not c["position"] and c["cell_iou"] == pytest.approx(2 / 3)
+    everywhere = {"background": "white", "objects": [{**red_circle, "hpos": h, "vpos": v}
+                                                     for h in ("left", "center", "right")
+                                                     for v in ("top", "middle", "bottom")]}
+    assert E.scene_checks(everywhere, truth, spec)["cell_iou"] == pytest.approx(2 / 9)  # no credit for filling
+    assert E.scene_checks({"background": "white", "objects": []}, truth, spec)["cell_iou"] == 0.0
     with pytest.raises(ValueError, match="unknown color"):
         P.encode_targets(spec, [{"background": "white", "objects": [{**red_circle, "color": "teal"}]}])
 

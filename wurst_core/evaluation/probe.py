@@ -11,8 +11,9 @@ learned reader in place of a detector):
   occupied cells), ``background``, and each object field as a multiset (``shape``: the same shapes, in any cells);
 * ``all_correct``: the predicted scene equals the prompt's scene: background, and every object with all its
   fields in its cell (attribute binding included);
-* ``cell_recall``, with partial credit: the fraction of the prompt's objects whose cell holds a predicted object
-  (``position`` fails a scene with one object misplaced or one extra; this measures how far positions follow).
+* ``cell_iou``, with partial credit: the Jaccard index of the occupied cells, predicted vs the prompt's (``position``
+  fails a scene with one object misplaced or one extra; this measures how far positions follow, and unlike a
+  recall it gives no credit for filling every cell).
 
 The probe's own accuracy on held-out real images is the ceiling that generated images are compared with.
 
@@ -315,7 +316,7 @@ def train_probe(images: Tensor, attributes: Sequence[Mapping[str, Any]], spec: P
 # ---- scoring ---------------------------------------------------------------------------------------------
 
 def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: ProbeSpec) -> dict[str, float]:
-    """Per-attribute checks of one predicted scene against the prompt's, 1.0 or 0.0 (``cell_recall``: a fraction;
+    """Per-attribute checks of one predicted scene against the prompt's, 1.0 or 0.0 (``cell_iou``: a fraction;
     see module docstring)."""
     names = [n for n, _ in spec.object_fields]
     p_objs, t_objs = list(predicted["objects"]), list(truth["objects"])
@@ -331,9 +332,9 @@ def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: P
         return sorted((cell_index(o), *(o[n] for n in names)) for o in objs)
 
     checks["all_correct"] = checks["background"] and scene(p_objs) == scene(t_objs)
-    t_cells = {cell_index(o) for o in t_objs}
+    p_cells, t_cells = set(map(cell_index, p_objs)), set(map(cell_index, t_objs))
     checks = {k: float(v) for k, v in checks.items()}
-    checks["cell_recall"] = len(t_cells & set(map(cell_index, p_objs))) / len(t_cells) if t_cells else 1.0
+    checks["cell_iou"] = len(p_cells & t_cells) / len(p_cells | t_cells) if p_cells | t_cells else 1.0
     return checks
 
 
