@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import notebook
-from .evaluation.pixels import psnr
 from .diffusion import CosineSchedule
+from .evaluation.pixels import psnr
 from .samplers import make_timesteps, sample
 
 RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
@@ -182,8 +182,9 @@ class Pipeline:
                              lambda tmp, src=source / name: shutil.copyfile(src, tmp))
         write_json(directory / "pipeline.json", {
             "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
-            "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift, "resolution_multiple": self.resolution_multiple,
-            "latent_dim_scale": self.latent_dim_scale, "compressor_size": self.compressor_size})
+            "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift,
+            "resolution_multiple": self.resolution_multiple, "latent_dim_scale": self.latent_dim_scale,
+            "compressor_size": self.compressor_size})
         return directory
 
     # ---------------------------------------------------------------- plumbing
