@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= tiny
 # The tiny networks gain nothing from more intra-op threads, and on a shared 2-core machine several threads
 # oversubscribe the cores (tens of times slower): the notebooks run single-threaded unless told otherwise.
+# The tiny training phases use the second core through a second process instead (`workers`, train.fit_processes).
 THREADS ?= 1
 # torch/torchvision are pinned so that every run is reproducible (the 2.13 CPU wheel + PyPI torchvision fails to import).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1

@@ -102,3 +102,15 @@ def test_stage_c_objective_is_the_released_one_except_the_tiny_noise_shift(monke
         notebook.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"}).diffusion()
     with pytest.raises(ValueError, match="shift"):
         notebook.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0}).diffusion()
+
+
+def test_stage_b_guidance_is_the_released_zero_on_paper_and_an_explicit_zero_is_kept(monkeypatch):
+    """`decoder_guidance: float | None`: None takes the profile's value; 0 (no guidance) is a value, not "unset"."""
+    monkeypatch.delenv("WURST_PROFILE", raising=False)
+    assert notebook.build(StageBParams, {"profile": "paper"}).decoder_guidance == 0.0
+    assert notebook.build(StageBParams, {"profile": "tiny"}).decoder_guidance == 2.0
+    assert notebook.build(StageBParams, {"profile": "tiny", "decoder_guidance": 0.0}).decoder_guidance == 0.0
+    assert notebook.build(StageBParams, {"profile": "tiny", "decoder_guidance": 3}).decoder_guidance == 3.0
+    assert notebook.build(StageBParams, {"profile": "tiny", "steps": 0}).steps == 1700  # plain fields: 0 is unset
+    assert notebook.build(StageCParams, {"profile": "tiny"}).workers == 2
+    assert notebook.build(StageCParams, {"profile": "paper"}).workers == 1

@@ -370,9 +370,13 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
     torch.manual_seed(0)
     stage_c = build_model("c", dataclasses.replace(get_config("c", "parity"), c_cond=w)).eval()
     stage_b = build_model("b", dataclasses.replace(get_config("b", "parity"), clip_embd=w)).eval()
+    with torch.no_grad():  # the official init zeroes the output heads, which would make Stage B's guidance a no-op
+        for q in stage_b.parameters():
+            if not q.any():
+                q.normal_(0, 0.02)
     pipe = Pipeline(stage_c, stage_b, build_model("a", "parity").eval(), text, text, semantic_compressor=compressor,
                     stage_c_scaling="std", stage_c_mean=0.3, stage_c_std=2.0, stage_c_shift=2.0,
-                    resolution_multiple=16.0, latent_dim_scale=4.0)
+                    decoder_guidance=2.0, resolution_multiple=16.0, latent_dim_scale=4.0)
     kw = dict(height=64, width=64, prior_steps=3, decoder_steps=2)
     a = pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kw)
     assert a.shape == (2, 3, 64, 64)
@@ -381,6 +385,15 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
     assert isinstance(re.prior_text_encoder, TextEncoder) and re.decoder_text_encoder is re.prior_text_encoder
     assert (re.stage_c_scaling, re.stage_c_mean, re.stage_c_std, re.stage_c_shift) == ("std", 0.3, 2.0, 2.0)
     assert torch.equal(a, re(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kw))
+    # the pipeline's own Stage B guidance (pipeline.json) applies unless a call passes one
+    assert re.decoder_guidance == 2.0
+    for guidance, same in ((2.0, True), (0.0, False)):
+        b = re(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), decoder_guidance=guidance, **kw)
+        assert torch.equal(a, b) is same
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    rec = {g: re.reconstruct(images, decoder_steps=2, decoder_guidance=g, generator=torch.Generator().manual_seed(0))
+           for g in (None, 2.0, 0.0)}
+    assert torch.equal(rec[None], rec[2.0]) and not torch.equal(rec[None], rec[0.0])
     # a Stage C trained with a noise shift samples on the shifted schedule: same t grid, noisier alpha_bar
     from wurst_core.diffusion import CosineSchedule
     from wurst_core.samplers import sample

@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, DDP (2 gloo processes) == 1 process, NaN stops the run."""
+"""The training loop: exact resume after SIGKILL, DDP (2 gloo processes, torchrun or forked workers) == 1 process, NaN
+stops the run."""
 from __future__ import annotations
 
 import dataclasses
@@ -207,21 +208,65 @@ def test_two_gloo_processes_equal_single_process(tmp_path, strategy):
     assert max((v - dist_state["ema"][k]).abs().max().item() for k, v in ema_ref.items()) < 1e-5
 
 
+def poisoned_at(get_batch, call: int):
+    """``get_batch`` whose ``call``-th call (0-based: one per step and process) returns NaN images."""
+    calls = [0]
+
+    def poisoned(idx):
+        batch = get_batch(idx)
+        if calls[0] == call:
+            batch["image"] = batch["image"] * float("nan")
+        calls[0] += 1
+        return batch
+
+    return poisoned
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     get_batch, n = make_data()
     task = make_stage_c_task()
     cfg = dataclasses.replace(CFG, steps=10, ckpt_every=2)
-
-    def poisoned(idx):
-        batch = get_batch(idx)
-        if poisoned.calls == 5:
-            batch["image"] = batch["image"] * float("nan")
-        poisoned.calls += 1
-        return batch
-
-    poisoned.calls = 0
     with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5.*Last good checkpoint: step 4"):
-        train.fit(task, cfg, poisoned, n, tmp_path, progress=False)
+        train.fit(task, cfg, poisoned_at(get_batch, 5), n, tmp_path, progress=False)
     state = train.load_training_state(tmp_path / "train_state.pt")
     assert state["step"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_forked_worker_processes_equal_single_process(tmp_path):
+    """`fit_processes` (2 forked CPU workers, gloo DDP): the weights, EMA and log of 1 process on the same global
+    batch, and the caller's task ends with the trained weights."""
+    cfg = dataclasses.replace(CFG, steps=4)
+    get_batch, n = make_data()
+    single = make_stage_c_task()
+    ref_hist = train.fit(single, cfg, get_batch, n, tmp_path / "single", progress=False)
+    task = make_stage_c_task()
+    hist = train.fit_processes(task, cfg, get_batch, n, tmp_path / "workers", workers=2, progress=False)
+    assert list(hist["step"]) == list(ref_hist["step"])
+    assert (hist["loss"] - ref_hist["loss"]).abs().max() < 1e-5  # the logged loss is the global batch's
+    ref, got = final_weights(single), final_weights(task)
+    assert max((v - got[k]).abs().max().item() for k, v in ref.items() if v.is_floating_point()) < 1e-5
+    ema_ref = train.load_training_state(tmp_path / "single" / "train_state.pt")["ema"]
+    ema = train.load_training_state(tmp_path / "workers" / "train_state.pt")["ema"]
+    assert max((v - ema[k]).abs().max().item() for k, v in ema_ref.items()) < 1e-5
+
+
+def test_forked_workers_reset_dead_codes_together(tmp_path):
+    """Stage A's dead-code resets under 2 workers: every rank sees the global usage and takes rank 0's codebook,
+    so the collective calls match (a mismatch would hang) and training finishes."""
+    get_batch, n = make_data()
+    torch.manual_seed(0)
+    task = StageATask(StageA(STAGE_A_SIZES["parity"]), reset_every=2)
+    before = task.stage_a.vquantizer.codebook.weight.detach().clone()
+    hist = train.fit_processes(task, CFG, get_batch, n, tmp_path, workers=2, progress=False)
+    assert len(hist) == CFG.steps and torch.isfinite(torch.tensor(hist["loss"].values)).all()
+    assert not torch.equal(before, task.stage_a.vquantizer.codebook.weight)
+
+
+def test_nan_in_a_worker_stops_every_worker_and_keeps_last_good_checkpoint(tmp_path):
+    get_batch, n = make_data()
+    cfg = dataclasses.replace(CFG, steps=10, ckpt_every=2)
+    poisoned = poisoned_at(get_batch, 5)  # each worker calls it once per step: step 5 is poisoned on both
+    with pytest.raises(train.TrainingDiverged, match=r"loss is nan at step 5.*Last good checkpoint: step 4"):
+        train.fit_processes(make_stage_c_task(), cfg, poisoned, n, tmp_path, workers=2, progress=False)
+    assert train.load_training_state(tmp_path / "train_state.pt")["step"] == 4

@@ -49,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--prior-steps", type=int, default=60)
-    g.add_argument("--prior-guidance", type=float, default=4.0)
+    g.add_argument("--prior-guidance", type=float, default=None, help="Stage C guidance (default: the pipeline's own)")
     g.add_argument("--decoder-steps", type=int, default=12)
-    g.add_argument("--decoder-guidance", type=float, default=0.0)
+    g.add_argument("--decoder-guidance", type=float, default=None, help="Stage B guidance (default: the pipeline's own)")
 
     args = p.parse_args(argv)
     if args.cmd == "reproduce":

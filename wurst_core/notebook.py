@@ -88,7 +88,9 @@ def build(schema: type[T], values: Mapping[str, Any]) -> T:
         if bad:
             raise ParameterError(f"profile table names unknown fields {bad}")
         for k, v in table.items():
-            if _is_unset(values.get(k, fields[k].default)):
+            current = values.get(k, fields[k].default)
+            # an optional field (``float | None``) is unset only when None: its 0 is a value (e.g. no guidance)
+            if current is None if type(None) in typing.get_args(hints[k]) else _is_unset(current):
                 values[k] = v
     for k, v in list(values.items()):
         values[k] = _check_type(k, v, hints[k])

@@ -6,7 +6,8 @@
    ``x*42 - 1`` (official §2, diffusers ``latent_mean=42, latent_std=1``).
 2. Stage B samples the Stage A latent (B, 4, int(h*10.67), int(w*10.67)) conditioned on that map and on text,
    tau_B = 12 steps. The paper (§4) uses w = 4 for Stage B; the released pipeline uses 0 (no guidance). Both work:
-   ``decoder_guidance=4.0`` or ``0.0`` (the default, as released). The unconditional branch gets a zero map.
+   ``decoder_guidance=4.0`` or ``0.0`` (the default, as released; a saved pipeline carries its own default, the
+   tiny workbench networks 2). The unconditional branch gets a zero map.
 3. Stage A decodes ``latents * 0.3764`` without quantisation; images are clamped to [0, 1].
 
 Random numbers are drawn in diffusers' order (Stage C start noise, one z per Stage C step, Stage B start noise,
@@ -85,6 +86,8 @@ class Pipeline:
     ``(f - stage_c_mean)/stage_c_std``, "none" = the raw compressor output (``wurst_core.tasks.StageCTask``).
     ``stage_c_shift``: the logSNR shift of Stage C's training t (1 = the released prior); Stage C then samples on the
     shifted schedule (uniform steps in shifted time, as StableCascade's GDF samples with its training schedule).
+    ``prior_guidance`` / ``decoder_guidance``: the Stage C / Stage B guidance a call uses unless it passes its own
+    (released: 4 and 0; the tiny workbench networks: 2 and 2, see ``phases.StageBParams`` / ``StageCParams``).
     ``resolution_multiple`` / ``latent_dim_scale``: image pixels per Stage C latent pixel and Stage B per Stage C
     latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
     ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
@@ -97,7 +100,7 @@ class Pipeline:
                  decoder_text_encoder: Callable[[list[str]], Any] | None = None, *,
                  semantic_compressor: nn.Module | None = None, stage_c_scaling: str = "v2",
                  stage_c_mean: float = 0.0, stage_c_std: float = 1.0, stage_c_shift: float = 1.0,
-                 resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
+                 prior_guidance: float = 4.0, decoder_guidance: float = 0.0, resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
                  compressor_size: int | None = None, autocast: bool | None = None) -> None:
         if stage_c_scaling not in STAGE_C_SCALINGS:
             raise ValueError(f"stage_c_scaling must be one of {STAGE_C_SCALINGS}, got {stage_c_scaling!r}")
@@ -107,7 +110,7 @@ class Pipeline:
         self.prior_text_encoder, self.decoder_text_encoder = prior_text_encoder, decoder_text_encoder
         self.semantic_compressor = semantic_compressor
         self.stage_c_scaling, self.stage_c_mean, self.stage_c_std = stage_c_scaling, stage_c_mean, stage_c_std
-        self.stage_c_shift = stage_c_shift
+        self.stage_c_shift, self.prior_guidance, self.decoder_guidance = stage_c_shift, prior_guidance, decoder_guidance
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
         self.compressor_size = compressor_size
         self.autocast = autocast
@@ -183,6 +186,7 @@ class Pipeline:
         write_json(directory / "pipeline.json", {
             "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
             "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift,
+            "prior_guidance": self.prior_guidance, "decoder_guidance": self.decoder_guidance,
             "resolution_multiple": self.resolution_multiple, "latent_dim_scale": self.latent_dim_scale,
             "compressor_size": self.compressor_size})
         return directory
@@ -324,9 +328,9 @@ class Pipeline:
                  prior_text_embeds: Tensor | None = None, prior_negative_text_embeds: Tensor | None = None,
                  decoder_text_embeds: Tensor | None = None, decoder_negative_text_embeds: Tensor | None = None,
                  height: int = 1024, width: int = 1024, prior_steps: int = 60,
-                 prior_timesteps: Sequence[float] | Tensor | None = None, prior_guidance: float = 4.0,
+                 prior_timesteps: Sequence[float] | Tensor | None = None, prior_guidance: float | None = None,
                  decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
-                 decoder_guidance: float = 0.0, num_images_per_prompt: int = 1,
+                 decoder_guidance: float | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | None = None, callback: StageCallback | None = None,
                  progress: bool = False, sampler: str = "ddpm") -> Tensor:
         """Text to images: float tensor (B * num_images_per_prompt, 3, H', W') in [0, 1].
@@ -336,7 +340,10 @@ class Pipeline:
         embeddings (B, 77, width) replace the prompts of either stage; without prompts the decoder text defaults
         to the empty prompt (as diffusers). Use a CPU ``generator`` for results that match diffusers' on any device.
         ``sampler``: "ddpm" (the paper's, diffusers') or "ddim" (deterministic), for both stages.
+        ``prior_guidance`` / ``decoder_guidance``: None takes the pipeline's own (``Pipeline(...)``, ``pipeline.json``).
         """
+        prior_guidance = self.prior_guidance if prior_guidance is None else prior_guidance
+        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
         prompts = _prompt_list(prompts, "prompts")
         negatives = _prompt_list(negative_prompts, "negative_prompts")
         if prompts is None and prior_text_embeds is None:
@@ -397,10 +404,12 @@ class Pipeline:
     @torch.no_grad()
     def reconstruct(self, images: Tensor, prompts: Prompts = None, *, decoder_text_embeds: Tensor | None = None,
                     decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
-                    decoder_guidance: float = 0.0, generator: torch.Generator | None = None,
+                    decoder_guidance: float | None = None, generator: torch.Generator | None = None,
                     progress: bool = False) -> Tensor:
         """Image -> Semantic Compressor -> Stage B -> Stage A (paper §3.1, Figure 2's training path): how much of
-        the image survives the 42x compressed map. Same size out as in; text: the caption or the empty prompt."""
+        the image survives the 42x compressed map. Same size out as in; text: the caption or the empty prompt.
+        ``decoder_guidance``: None takes the pipeline's own."""
+        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
         embeds, size = self._compressor_embeds(images)
         prompts = _prompt_list(prompts, "prompts")
         if prompts is not None and len(prompts) != embeds.shape[0]:
@@ -414,7 +423,7 @@ class Pipeline:
 
     @torch.no_grad()
     def variations(self, images: Tensor, num_variations: int = 4, *, decoder_text_embeds: Tensor | None = None,
-                   decoder_steps: int = 12, decoder_guidance: float = 0.0,
+                   decoder_steps: int = 12, decoder_guidance: float | None = None,
                    generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
         """Image variation: the image's compressor map -> Stage B with the empty prompt, ``num_variations``
         different noises per image -> (B * num_variations, 3, H, W); variations of image i are rows
@@ -422,6 +431,7 @@ class Pipeline:
         ``decoder_text_embeds`` (1, L, width) replaces the encoded empty prompt when there is no text encoder."""
         if num_variations < 1:
             raise ValueError(f"num_variations must be >= 1, got {num_variations}")
+        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
         embeds, size = self._compressor_embeds(images)
         embeds = embeds.repeat_interleave(num_variations, dim=0)
         if decoder_text_embeds is not None:
@@ -519,8 +529,8 @@ class SamplingParams:
     size: int = 0                  # image height = width in px (0: the training resolution; random/paper: 128/1024)
     prior_steps: int = 0           # tau_C (paper: 60)
     decoder_steps: int = 0         # tau_B (paper: 12)
-    prior_guidance: float = 4.0    # Stage C classifier-free guidance (paper and release: 4)
-    decoder_guidance: float = 0.0  # Stage B guidance (paper: 4, release: 0)
+    prior_guidance: float | None = None  # Stage C guidance (paper and release: 4; None: the pipeline's own)
+    decoder_guidance: float | None = None  # Stage B guidance (paper: 4, release: 0; None: the pipeline's own)
     n_prompts: int = 0
     n_seeds: int = 0
     guidances: str = ""            # comma-separated Stage C guidance scales of the sweep

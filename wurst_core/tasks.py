@@ -109,6 +109,9 @@ class StageATask(nn.Module):
     @torch.no_grad()
     def _maybe_reset_codes(self, z: torch.Tensor, counts: torch.Tensor, gens: Sequence[torch.Generator]) -> None:
         first = int(self.calls) == 0
+        if dist.is_available() and dist.is_initialized():
+            counts = counts.clone()
+            dist.all_reduce(counts)  # the global batch's usage: every rank finds the same dead codes
         self.usage += counts
         self.calls += 1
         late = self.reset_until is not None and int(self.calls) > self.reset_until

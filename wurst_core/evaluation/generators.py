@@ -71,9 +71,10 @@ def noise_generator(size: int = 64, seed: int = 0) -> Generator:
 
 
 def pipeline_generator(pipe: Any, size: int, prior_steps: int = 60, decoder_steps: int = 12,
-                       prior_guidance: float = 4.0, decoder_guidance: float = 0.0, seed: int = 0) -> Generator:
+                       prior_guidance: float | None = None, decoder_guidance: float | None = None,
+                       seed: int = 0) -> Generator:
     """A ``wurst_core.Pipeline`` (or anything with its call signature) as a generator; one CPU RNG for all calls,
-    so the same prompts in the same batches give the same images."""
+    so the same prompts in the same batches give the same images. Guidance None: the pipeline's own."""
     gen = torch.Generator().manual_seed(seed)
 
     def call(batch: list[str]) -> Tensor:

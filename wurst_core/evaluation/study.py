@@ -48,7 +48,7 @@ class EvaluationParams:
     sample_size: int = 0            # generation size (0: the pipeline's training size; weights_dir 1024; random 128)
     prior_steps: int = 0            # tau_C (paper: 60)
     decoder_steps: int = 0          # tau_B (paper: 12)
-    prior_guidance: float = 4.0     # Stage C classifier-free guidance (paper: 4)
+    prior_guidance: float | None = None  # Stage C guidance (paper: 4; None: the pipeline's own, tiny 2)
     probe_size: str = ""            # PROBE_SIZES key of the probe / feature network
     probe_images: int = 0           # real training images of the probe (split "train")
     probe_steps: int = 0            # probe optimiser steps
