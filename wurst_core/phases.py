@@ -476,7 +476,7 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     pipe.save(checkpoint_dir(run, "pipeline"), text_encoder_dir=text_encoder_dir(p.profile))
     prompts = val["caption"][:p.n_prompts]
     images = pipe(prompts, height=p.resolution, width=p.resolution, prior_steps=p.sample_steps,
-                  prior_guidance=p.guidance, decoder_steps=12 if p.profile != "smoke" else 2,
+                  decoder_steps=12 if p.profile != "smoke" else 2,
                   generator=torch.Generator().manual_seed(p.seed), progress=progress)
     metrics = {"final_loss": float(history["loss"].iloc[-5:].mean()), "train_seconds": train_seconds,
                "wall_seconds": time.time() - t0, "steps": p.steps, "latent_mean": mean, "latent_std": std,
@@ -533,6 +533,5 @@ def tiny_pipeline(stage_c: nn.Module | None, stage_b: nn.Module, stage_a: nn.Mod
     b_side = resolution // stage_a.config.downscale
     return Pipeline(stage_c, stage_b, stage_a, text, text, semantic_compressor=compressor, stage_c_scaling=scaling,
                     stage_c_mean=mean, stage_c_std=std, stage_c_shift=shift, prior_guidance=prior_guidance,
-                    decoder_guidance=decoder_guidance,
-                    resolution_multiple=resolution / c_side,
+                    decoder_guidance=decoder_guidance, resolution_multiple=resolution / c_side,
                     latent_dim_scale=b_side / c_side, compressor_size=sc_size)
