@@ -259,6 +259,38 @@ def test_reconstruct_and_variations(adapted, compressor):
         pipe.reconstruct(images[..., :126])
 
 
+def test_resample_starts_from_the_image_map(adapted, compressor):
+    """SDEdit in Stage C's space: near strength 0 the prior keeps the image's (scaled) compressor map, at 1 it
+    forgets it; same seed, same images; bad strengths and prompt counts are refused."""
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sc = compressor.encode(images)
+    pipe = Pipeline(adapted.stage_c, adapted.stage_b, adapted.stage_a, adapted.prior_text_encoder,
+                    adapted.decoder_text_encoder, semantic_compressor=compressor, stage_c_scaling="std",
+                    stage_c_mean=sc.mean().item(), stage_c_std=sc.std().item(), prior_guidance=2.0)
+    x0 = pipe.scale_stage_c(sc)
+    assert _max_diff(pipe.unscale_stage_c(x0), sc) < 1e-5 and 0.5 < x0.std() < 2
+
+    def final_c(strength):
+        seen = {}
+        out = pipe.resample(images, ["a red circle", "a blue square"], strength=strength, prior_steps=4,
+                            decoder_steps=2, generator=torch.Generator().manual_seed(0),
+                            callback=lambda stage, i, t, x: seen.update({stage: (i, x.clone())}))
+        return out, seen["c"]
+
+    out, (steps, kept) = final_c(0.001)
+    assert out.shape == images.shape and steps == 0  # at least one prior step
+    assert _max_diff(kept, x0) < 0.05
+    out1, (steps1, forgot) = final_c(1.0)
+    assert steps1 == 3 and (forgot - x0).abs().mean() > 0.3
+    assert torch.equal(out1, final_c(1.0)[0])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength"):
+            pipe.resample(images, ["a", "b"], strength=bad)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pipe.resample(images, ["a"])
+
+
 # ------------------------------------------------------------------ our networks, loaded from diffusers' folder
 @pytest.fixture(scope="module")
 def diffusers_folder(ref, tmp_path_factory):

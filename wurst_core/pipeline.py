@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import notebook
-from .diffusion import CosineSchedule
+from .diffusion import CosineSchedule, diffuse
 from .evaluation.pixels import psnr
 from .samplers import make_timesteps, sample
 
@@ -267,18 +267,28 @@ class Pipeline:
                        height: int = 1024, width: int = 1024, steps: int = 60,
                        timesteps: Sequence[float] | Tensor | None = None, guidance: float = 4.0,
                        generator: torch.Generator | None = None, callback: StageCallback | None = None,
-                       progress: bool = False, sampler: str = "ddpm") -> Tensor:
+                       progress: bool = False, sampler: str = "ddpm", start: Tensor | None = None) -> Tensor:
         """Stage C: text tokens (B, L, c_cond) -> image embeddings (B, 16, ceil(H/42.67), ceil(W/42.67)) in the
-        RAW Semantic Compressor space (``unscale_stage_c``: ``x*42 - 1`` with the v2 scaling), ready for Stage B."""
+        RAW Semantic Compressor space (``unscale_stage_c``: ``x*42 - 1`` with the v2 scaling), ready for Stage B.
+        ``start``: latents in Stage C's space at ``timesteps[0]`` instead of drawn noise (``resample``)."""
         b = text_embeds.shape[0]
         shape = (b, _config_int(self.stage_c, "c_in"), *stage_c_size(height, width, self.resolution_multiple))
-        x = sample(self._denoiser(self.stage_c), shape, timesteps if timesteps is not None else steps,
+        x = sample(self._denoiser(self.stage_c), shape if start is None else start,
+                   timesteps if timesteps is not None else steps,
                    {"text_tokens": text_embeds},
                    {"text_tokens": negative_text_embeds} if negative_text_embeds is not None else None,
                    guidance, sampler, generator=generator, progress=progress, device=self.device,
                    callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None,
                    schedule=CosineSchedule(shift=self.stage_c_shift))
         return self.unscale_stage_c(x)
+
+    def scale_stage_c(self, embeds: Tensor) -> Tensor:
+        """The raw Semantic Compressor output -> Stage C's data space (the inverse of ``unscale_stage_c``)."""
+        if self.stage_c_scaling == "v2":
+            return (embeds + 1) / 42
+        if self.stage_c_scaling == "std":
+            return (embeds - self.stage_c_mean) / self.stage_c_std
+        return embeds
 
     def unscale_stage_c(self, x: Tensor) -> Tensor:
         """Stage C's data space -> the raw Semantic Compressor output that Stage B is conditioned on."""
@@ -422,6 +432,39 @@ class Pipeline:
         return self.decode(latents)
 
     @torch.no_grad()
+    def resample(self, images: Tensor, prompts: Prompts, *, strength: float = 0.6, prior_steps: int = 60,
+                 prior_guidance: float | None = None, decoder_steps: int = 12, decoder_guidance: float | None = None,
+                 generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                 progress: bool = False) -> Tensor:
+        """Image-conditioned generation (SDEdit, Meng et al. 2022) in Stage C's space: the image's compressor map is
+        noised to ``t = strength`` on the prior's schedule and denoised with ``prompts`` from there
+        (``round(prior_steps * strength)`` DDPM steps), then Stage B and Stage A as in ``__call__``. Strength 1 is
+        text-to-image; near 0, ``reconstruct``. What survives a strength tells at which noise level the prior
+        decides it: for the tiny prior, held-out layouts survive t = 0.4 and are lost by t = 0.8 (README).
+        Random numbers: the noise of the start, then Stage C's and Stage B's steps, all from ``generator``."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        prior_guidance = self.prior_guidance if prior_guidance is None else prior_guidance
+        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
+        prompts = _prompt_list(prompts, "prompts")
+        embeds, size = self._compressor_embeds(images)
+        if prompts is None or len(prompts) != embeds.shape[0]:
+            raise ValueError(f"pass one prompt per image ({embeds.shape[0]} images)")
+        schedule = CosineSchedule(shift=self.stage_c_shift)
+        x0 = self.scale_stage_c(embeds)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
+        t = torch.full((x0.shape[0],), float(strength), device=self.device)
+        x = diffuse(x0, t, noise.to(x0), schedule)
+        timesteps = torch.linspace(float(strength), 0.0, max(1, round(prior_steps * strength)) + 1)
+        c_text, c_neg = self._text_pair("prior", prompts, None, None, None, len(prompts), prior_guidance)
+        b_text, b_neg = self._text_pair("decoder", prompts, None, None, None, len(prompts), decoder_guidance)
+        image_embeds = self.sample_stage_c(c_text, c_neg, timesteps=timesteps, guidance=prior_guidance,
+                                           generator=generator, callback=callback, progress=progress, start=x)
+        latents = self.sample_stage_b(image_embeds, b_text, b_neg, steps=decoder_steps, guidance=decoder_guidance,
+                                      latent_size=size, generator=generator, callback=callback, progress=progress)
+        return self.decode(latents)
+
+    @torch.no_grad()
     def variations(self, images: Tensor, num_variations: int = 4, *, decoder_text_embeds: Tensor | None = None,
                    decoder_steps: int = 12, decoder_guidance: float | None = None,
                    generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
@@ -536,16 +579,19 @@ class SamplingParams:
     guidances: str = ""            # comma-separated Stage C guidance scales of the sweep
     step_counts: str = ""          # comma-separated Stage C step counts of the sweep
     n_reconstruct: int = 0         # held-out images through the reconstruction path
+    strengths: str = ""            # comma-separated resampling strengths (Pipeline.resample) of the held-out images
     seed: int = 0
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
         return {"smoke": dict(prior_steps=2, decoder_steps=2, n_prompts=2, n_seeds=2, guidances="1,4",
-                              step_counts="1,2", n_reconstruct=2),
+                              step_counts="1,2", n_reconstruct=2, strengths="0.5,1"),
                 "tiny": dict(prior_steps=60, decoder_steps=12, n_prompts=6, n_seeds=4, guidances="1,2,4,8",
-                             step_counts="2,5,10,20,30,60", n_reconstruct=6),
+                             step_counts="2,5,10,20,30,60", n_reconstruct=6,
+                             strengths="0.2,0.4,0.6,0.8,1"),
                 "paper": dict(prior_steps=60, decoder_steps=12, n_prompts=4, n_seeds=2, guidances="1,2,4,8",
-                              step_counts="10,20,30,60", n_reconstruct=4)}[profile]
+                              step_counts="10,20,30,60", n_reconstruct=4,
+                              strengths="0.2,0.4,0.6,0.8,1")}[profile]
 
     def numbers(self, field: str) -> list[float]:
         """A comma-separated parameter (``guidances``, ``step_counts``) as numbers."""
@@ -694,3 +740,24 @@ def reconstruction_study(pipe: Pipeline, images: Tensor, captions: list[str], de
                                             generator=torch.Generator().manual_seed(seed))}
     images = images.to(pipe.device)
     return out, {f"psnr_{k.replace(' ', '_').lower()}": psnr(v, images).mean().item() for k, v in out.items()}
+
+
+def resample_study(pipe: Pipeline, images: Tensor, captions: list[str], strengths: Sequence[float],
+                   seed: int = 0, **kw: Any) -> tuple[list[Tensor], Any]:
+    """Held-out images resampled with their own captions (``Pipeline.resample``) at each strength, same seed: where
+    the image's layout stops surviving is where the prior decides it. Table: PSNR to the original and mean
+    |Stage C sample - the image's scaled compressor map|."""
+    import pandas as pd
+
+    with torch.no_grad():
+        target = pipe.scale_stage_c(pipe._compressor_embeds(images)[0])
+    rows, table = [], []
+    for strength in strengths:
+        last: dict[str, Tensor] = {}
+        out = pipe.resample(images, captions, strength=float(strength), generator=torch.Generator().manual_seed(seed),
+                            callback=lambda stage, i, t, x: last.__setitem__(stage, x), **kw)
+        rows.append(out)
+        table.append({"strength": float(strength), "psnr": psnr(out, images.to(out.device)).mean().item(),
+                      "stage_c_l1_to_image_map": (last["c"] - target).abs().mean().item()})
+    return rows, pd.DataFrame(table)
+
