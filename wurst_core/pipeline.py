@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from . import notebook
 from .diffusion import CosineSchedule, diffuse
 from .evaluation.pixels import psnr
-from .samplers import make_timesteps, sample
+from .models.semantic import v2_scale
+from .samplers import make_timesteps, randn, sample
 
 RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
 LATENT_DIM_SCALE = 10.67     # Stage B latent pixels per Stage C latent pixel (diffusers decoder `latent_dim_scale`)
@@ -285,7 +286,7 @@ class Pipeline:
     def scale_stage_c(self, embeds: Tensor) -> Tensor:
         """The raw Semantic Compressor output -> Stage C's data space (the inverse of ``unscale_stage_c``)."""
         if self.stage_c_scaling == "v2":
-            return (embeds + 1) / 42
+            return v2_scale(embeds)
         if self.stage_c_scaling == "std":
             return (embeds - self.stage_c_mean) / self.stage_c_std
         return embeds
@@ -452,9 +453,8 @@ class Pipeline:
             raise ValueError(f"pass one prompt per image ({embeds.shape[0]} images)")
         schedule = CosineSchedule(shift=self.stage_c_shift)
         x0 = self.scale_stage_c(embeds)
-        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
-        t = torch.full((x0.shape[0],), float(strength), device=self.device)
-        x = diffuse(x0, t, noise.to(x0), schedule)
+        t = torch.full((x0.shape[0],), float(strength), device=x0.device)
+        x = diffuse(x0, t, randn(x0.shape, generator, x0.device, x0.dtype), schedule)
         timesteps = torch.linspace(float(strength), 0.0, max(1, round(prior_steps * strength)) + 1)
         c_text, c_neg = self._text_pair("prior", prompts, None, None, None, len(prompts), prior_guidance)
         b_text, b_neg = self._text_pair("decoder", prompts, None, None, None, len(prompts), decoder_guidance)
