@@ -445,6 +445,18 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
         Pipeline(stage_c, stage_b, pipe.stage_a, stage_c_scaling="log")
     with pytest.raises(ValueError, match="stage_c_shift"):
         Pipeline(stage_c, stage_b, pipe.stage_a, stage_c_shift=0.0)
+    # Stage C may read another layer of the same text encoder (the tiny profile: penultimate); pipeline.json keeps
+    # each stage's layer, and the reloaded encoders share one set of weights
+    pipe.prior_text_encoder = TextEncoder(text.text, layer="penultimate", name=text.name)
+    a2 = pipe(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kw)
+    pen_tokens = pipe.prior_text_encoder(["a cat"]).tokens
+    assert not torch.allclose(pen_tokens, text(["a cat"]).tokens)
+    pipe.save(tmp_path / "pipe2", text_encoder_dir=tmp_path / "te")
+    re2 = Pipeline.from_pretrained(tmp_path / "pipe2")
+    assert (re2.prior_text_encoder.layer, re2.decoder_text_encoder.layer) == ("penultimate", "last")
+    assert re2.prior_text_encoder.text is re2.decoder_text_encoder.text
+    assert torch.equal(re2.prior_text_encoder(["a cat"]).tokens, pen_tokens)
+    assert torch.equal(a2, re2(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kw))
 
 
 def test_sampling_notebook_helpers():

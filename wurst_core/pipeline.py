@@ -158,7 +158,7 @@ class Pipeline:
                     raise
                 # a Stage B .pt without 'effnet_state_dict': the compressor is optional (reconstruct, variations)
         config = json.loads((root / "pipeline.json").read_text()) if (root / "pipeline.json").is_file() else {}
-        texts = _load_text_encoders(root, device)
+        texts = _load_text_encoders(root, device, config.pop("text_layers", {}))
         return cls(nets["c"], nets["b"], nets["a"], prior_text_encoder or texts.get("prior"),
                    decoder_text_encoder or texts.get("decoder"), semantic_compressor=semantic,
                    **{**config, **settings})
@@ -184,8 +184,12 @@ class Pipeline:
             for name in ("model.safetensors", "model.json"):  # the JSON last: it marks a complete folder
                 atomic_write(directory / "text_encoder" / name,
                              lambda tmp, src=source / name: shutil.copyfile(src, tmp))
+        # which hidden states each stage reads (text.TextEncoder.layer): one text_encoder/ can serve both stages
+        layers = {stage: enc.layer for stage, enc in (("prior", self.prior_text_encoder),
+                                                      ("decoder", self.decoder_text_encoder))
+                  if isinstance(getattr(enc, "layer", None), str)}
         write_json(directory / "pipeline.json", {
-            "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
+            "text_layers": layers, "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
             "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift,
             "prior_guidance": self.prior_guidance, "decoder_guidance": self.decoder_guidance,
             "resolution_multiple": self.resolution_multiple, "latent_dim_scale": self.latent_dim_scale,
@@ -510,9 +514,12 @@ def _locate_networks(root: Path) -> dict[str, Path]:
     return found
 
 
-def _load_text_encoders(root: Path, device: str | torch.device) -> dict[str, Any]:
+def _load_text_encoders(root: Path, device: str | torch.device,
+                        layers: dict[str, str] | None = None) -> dict[str, Any]:
     """Text encoders stored in a checkpoint folder: transformers CLIP folders (diffusers' names) or open_clip
-    checkpoints written by ``wurst_core.text`` (``text_encoder/`` then serves both stages)."""
+    checkpoints written by ``wurst_core.text`` (``text_encoder/`` then serves both stages). ``layers``: the hidden
+    states each stage reads ({"prior": "penultimate", ...}, from ``pipeline.json``; default "last")."""
+    layers = layers or {}
     out: dict[str, Any] = {}
     for stage, model_dir, tok_dir in (("prior", "prior_text_encoder", "prior_tokenizer"),
                                       ("decoder", "text_encoder", "tokenizer")):
@@ -522,7 +529,8 @@ def _load_text_encoders(root: Path, device: str | torch.device) -> dict[str, Any
             from .text import HFCLIPTextEncoder
 
             model = CLIPTextModel.from_pretrained(root / model_dir).to(device).eval()
-            out[stage] = HFCLIPTextEncoder(CLIPTokenizer.from_pretrained(root / tok_dir), model)
+            out[stage] = HFCLIPTextEncoder(CLIPTokenizer.from_pretrained(root / tok_dir), model,
+                                           layer=layers.get(stage, "last"))
     loaded: dict[Path, Any] = {}  # one shared text_encoder/ is loaded once and serves both stages
     for stage, names in (("prior", ("prior_text_encoder", "text_encoder")),
                          ("decoder", ("decoder_text_encoder", "text_encoder"))):
@@ -530,7 +538,11 @@ def _load_text_encoders(root: Path, device: str | torch.device) -> dict[str, Any
         if stage not in out and folder is not None:
             if folder not in loaded:
                 loaded[folder] = _load_open_clip_text(folder, device)
-            out[stage] = loaded[folder]
+            base = loaded[folder]
+            layer = layers.get(stage, "last")
+            # the same weights read at another layer: a second view, not a second copy
+            out[stage] = base if base.layer == layer else type(base)(base.text, layer=layer,
+                                                                     hf_padding=base.hf_padding, name=base.name)
     return out
 
 
@@ -641,12 +653,14 @@ def load_sampling_pipeline(p: SamplingParams) -> tuple[Pipeline, dict[str, Any]]
     run = latest_run("05_stage_c", p.profile)
     folder = run.checkpoints / "pipeline" if run is not None else None
     if folder is not None and (folder / "pipeline.json").is_file():
-        text = None
+        texts: dict[str, Any] = {}
         if not (folder / "text_encoder").is_dir():
             from .text import load_tiny_text_encoder
 
-            text = load_tiny_text_encoder(p.profile)
-        pipe = Pipeline.from_pretrained(folder, device=device, prior_text_encoder=text, decoder_text_encoder=text)
+            layers = json.loads((folder / "pipeline.json").read_text()).get("text_layers", {})
+            texts = {f"{stage}_text_encoder": load_tiny_text_encoder(p.profile, layer=layers.get(stage, "last"))
+                     for stage in ("prior", "decoder")}
+        pipe = Pipeline.from_pretrained(folder, device=device, **texts)
         resolution = json.loads((run.dir / "config.json").read_text()).get("resolution", 64)
         return pipe, {"weights": f"trained: 05_stage_c/{p.profile}/{run.run_id}", "trained": True,
                       "size": p.size or int(resolution)}
