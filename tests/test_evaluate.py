@@ -347,3 +347,27 @@ def test_caption_sensitivity_is_zero_for_ignored_tokens_and_positive_for_read_on
     assert (blind == 0).all().all()
     with pytest.raises(ValueError, match="true"):
         E.caption_sensitivity(reads_text, x0, {"other": tokens["other"]})
+
+
+def test_layout_probe_reads_informative_features_and_not_noise():
+    from wurst_core.evaluation.text_layout import N_CELLS, layout_probe, layout_targets
+
+    scene = {"objects": [{"color": "red", "hpos": "left", "vpos": "top"}, {"color": "blue", "hpos": "center",
+                                                                          "vpos": "bottom"}]}
+    assert layout_targets([scene]).tolist() == [[1, 0, 0, 0, 0, 0, 0, 5, 0]]
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 7, (600, N_CELLS), generator=g) * (torch.rand(600, N_CELLS, generator=g) < 0.3)
+    # informative: token k one-hot encodes (cell k, its content), in shuffled token order
+    tokens = torch.zeros(600, N_CELLS, 2 * N_CELLS + 7 + 3)
+    for i in range(600):
+        for slot, k in enumerate(torch.randperm(N_CELLS, generator=g).tolist()):
+            tokens[i, slot, k] = 1.0
+            tokens[i, slot, N_CELLS + 7 + int(targets[i, k])] = 1.0
+    tr, va = slice(0, 500), slice(500, 600)
+    good = layout_probe(tokens[tr], targets[tr], tokens[va], targets[va], steps=400, lr=3e-3, eval_at=(400,), heads=2)
+    noise = torch.randn(tokens.shape, generator=g)
+    bad = layout_probe(noise[tr], targets[tr], noise[va], targets[va], steps=400, lr=3e-3, eval_at=(400,), heads=2)
+    assert list(good.columns) == ["step", "occupied", "cells", "scenes"] and good["step"].tolist() == [400]
+    assert good["occupied"].iloc[-1] > 0.8 and bad["occupied"].iloc[-1] < 0.4
+    with pytest.raises(ValueError, match="train_tokens"):
+        layout_probe(tokens[0], targets[:1], tokens[va], targets[va], steps=1)

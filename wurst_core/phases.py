@@ -175,11 +175,12 @@ class StageCParams(PhaseParams):
     guidance: float | None = None   # Stage C guidance of the sample grid and of the saved pipeline (released: 4)
     sample_steps: int = 0           # tau_C (paper: 60)
     n_prompts: int = 16             # held-out prompts in the sample grid
+    layout_probe_steps: int = 0     # steps of the text-layout probe per text layer (evaluation/text_layout.py)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
         released = dict(t_sampler="stretched", noise_shift=1.0, guidance=4.0, text_layer="last")  # official §5a
-        own = {"smoke": dict(steps=3, lr=1e-3, latent_scaling="std", sample_steps=2,
+        own = {"smoke": dict(steps=3, lr=1e-3, latent_scaling="std", sample_steps=2, layout_probe_steps=20,
                              **{**released, "text_layer": "penultimate"}),
                # Stage C is the stage still far from converged in the CPU budget: from 2000 to 3000 steps the loss rise
                # when the caption's positions are swapped went 0.07 -> 0.15, colours 0.35 -> 0.83; lr 2e-3 gave 0.19
@@ -198,8 +199,9 @@ class StageCParams(PhaseParams):
                # cells right from the last layer, 89 % from the penultimate one; Stage C reading the penultimate layer
                # (Stage B keeps the last): probe position 15 -> 20 %, cell IoU 36 -> 41 % (256 held-out prompts)
                "tiny": dict(steps=4300, lr=2e-3, warmup_steps=100, latent_scaling="std", sample_steps=30,
-                            t_sampler="uniform", noise_shift=2.0, guidance=2.0, text_layer="penultimate"),
-               "paper": dict(latent_scaling="v2", sample_steps=60, **released)}[profile]
+                            t_sampler="uniform", noise_shift=2.0, guidance=2.0, text_layer="penultimate",
+                            layout_probe_steps=3000),
+               "paper": dict(latent_scaling="v2", sample_steps=60, layout_probe_steps=3000, **released)}[profile]
         return {**_COMMON[profile], **own}
 
     def diffusion(self) -> Diffusion:
@@ -499,6 +501,10 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
         sens = stage_c_sensitivity(stage_c, task, val["attributes"][:128], val["image"][:128], p.seed)
         metrics["caption_sensitivity"] = sens.mean().to_dict()
         figs["sensitivity"] = save_figure(sensitivity_figure(sens), run.figure("caption_sensitivity"))
+    if p.dataset == "procedural" and p.layout_probe_steps > 0:  # can its text features carry the layout at all?
+        layout = text_layout_study(text.encoder, p.layout_probe_steps, p.seed)
+        metrics["text_layout_probe"] = {layer: float(d["occupied"].iloc[-1]) for layer, d in layout.groupby("layer")}
+        figs["text_layout"] = save_figure(text_layout_figure(layout, p.text_layer), run.figure("text_layout"))
     cols = min(8, len(prompts))
     rows = [images[i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
     truth = [val["image"][i:i + cols] for i in range(0, len(prompts) - cols + 1, cols)]
@@ -519,6 +525,45 @@ def stage_c_sensitivity(stage_c: nn.Module, task: StageCTask, attributes: list[d
     with torch.no_grad():
         tokens = {k: task.text.encoder(c).tokens.float() for k, c in captions.items()}
     return caption_sensitivity(stage_c.eval(), task.encode(images), tokens, ts=ts, seed=seed)
+
+
+def text_layout_study(encoder: nn.Module, steps: int, seed: int = 0,
+                      layers: tuple[str, ...] = ("last", "penultimate")) -> pd.DataFrame:
+    """The layout probe (evaluation/text_layout.py) on each ``layer`` of the frozen text encoder: procedural
+    training captions (64 per step, at most 16,384) and 1,024 held-out ones (fewer on short runs)."""
+    from .data import make_dataset
+    from .evaluation.text_layout import layout_probe, layout_targets
+    from .text import TextEncoder
+
+    def captions(split: str, n: int) -> tuple[list[str], torch.Tensor]:
+        ds = make_dataset("procedural", size=n, resolution=16, seed=seed, split=split)
+        items = [ds[i] for i in range(n)]
+        return [it["caption"] for it in items], layout_targets([it["attributes"] for it in items])
+
+    n_train = min(16_384, 64 * steps)
+    (train, y_train), (val, y_val) = captions("train", n_train), captions("val", min(1024, n_train // 4))
+    out = []
+    for layer in layers:
+        view = TextEncoder(encoder.text, layer=layer, hf_padding=encoder.hf_padding, name=encoder.name)
+        with torch.no_grad():
+            feats = [torch.cat([view(c[i:i + 512]).tokens.float() for i in range(0, len(c), 512)]) for c in (train, val)]
+        out.append(layout_probe(feats[0], y_train, feats[1], y_val, steps=steps, seed=seed).assign(layer=layer))
+    return pd.concat(out, ignore_index=True)
+
+
+def text_layout_figure(layout: pd.DataFrame, used: str = ""):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for layer, d in layout.groupby("layer"):
+        ax.plot(d["step"], 100 * d["occupied"], marker="o", label=layer + (" (Stage C reads it)" if layer == used else ""))
+    ax.set_xlabel("probe steps (64 captions each)")
+    ax.set_ylabel("held-out occupied cells right (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Layout read from the text tokens by 9 learned queries", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def sensitivity_figure(sens: pd.DataFrame):
