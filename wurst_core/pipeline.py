@@ -538,11 +538,7 @@ def _load_text_encoders(root: Path, device: str | torch.device,
         if stage not in out and folder is not None:
             if folder not in loaded:
                 loaded[folder] = _load_open_clip_text(folder, device)
-            base = loaded[folder]
-            layer = layers.get(stage, "last")
-            # the same weights read at another layer: a second view, not a second copy
-            out[stage] = base if base.layer == layer else type(base)(base.text, layer=layer,
-                                                                     hf_padding=base.hf_padding, name=base.name)
+            out[stage] = loaded[folder].with_layer(layers.get(stage, "last"))
     return out
 
 
@@ -658,7 +654,8 @@ def load_sampling_pipeline(p: SamplingParams) -> tuple[Pipeline, dict[str, Any]]
             from .text import load_tiny_text_encoder
 
             layers = json.loads((folder / "pipeline.json").read_text()).get("text_layers", {})
-            texts = {f"{stage}_text_encoder": load_tiny_text_encoder(p.profile, layer=layers.get(stage, "last"))
+            shared = load_tiny_text_encoder(p.profile)
+            texts = {f"{stage}_text_encoder": shared.with_layer(layers.get(stage, "last"))
                      for stage in ("prior", "decoder")}
         pipe = Pipeline.from_pretrained(folder, device=device, **texts)
         resolution = json.loads((run.dir / "config.json").read_text()).get("resolution", 64)

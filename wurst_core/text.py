@@ -128,6 +128,10 @@ class TextEncoder(nn.Module):
             raise ValueError("only CLIP-style text towers (causal, pooled at the end token) are supported")
         self.text, self.layer, self.hf_padding, self.name = text, layer, hf_padding, name
 
+    def with_layer(self, layer: Layer) -> "TextEncoder":
+        """The same text tower (shared weights, not a copy) read at another ``layer``; ``self`` if it is the same."""
+        return self if layer == self.layer else TextEncoder(self.text, layer, self.hf_padding, self.name)
+
     @property
     def width(self) -> int:
         return int(self.text.width)
