@@ -142,7 +142,7 @@ def test_real_architectures_by_name(name, width, params):
 def trained(tmp_path_factory):
     """The smoke tiny CLIP, trained and saved once for the tests below."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    training = T.ClipTraining(steps=40, batch_size=32, pool=512, eval_size=64, warmup=5)  # ~15 s on one core
+    training = T.ClipTraining(steps=40, batch_size=32, pool=512, eval_size=64, warmup=5, filip=1.0)  # ~15 s, one core
     model, info = T.train_and_save_tiny_clip("smoke", seed=0, progress=False, directory=directory, training=training)
     return model, info, directory
 
@@ -223,3 +223,22 @@ def test_get_or_train_trains_when_missing(monkeypatch):
     enc = T.get_or_train_tiny_text_encoder("smoke")
     assert (T.text_encoder_dir("smoke") / "model.safetensors").is_file()
     assert enc(["a small blue square at the top on a gray background"]).tokens.shape == (1, 77, SMOKE.text_width)
+
+
+def test_filip_loss_trains_every_caption_token_and_rewards_grounding():
+    g = torch.Generator().manual_seed(0)
+    b, n, p, d = 4, 7, 9, 16
+    patches = nn.functional.normalize(torch.randn(b, p, d, generator=g), dim=-1)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    valid[:, 1:5] = True  # words and end token at 1..4; start token and padding excluded
+    # grounded captions: each token equals a patch of its own image; shuffled: of the next image
+    grounded = patches[:, [0, 2, 4, 6, 8, 1, 3]].clone()
+    shuffled = grounded.roll(1, dims=0)
+    scale = torch.tensor(10.0)
+    assert T.filip_loss(grounded, valid, patches, scale) < 0.1 * T.filip_loss(shuffled, valid, patches, scale)
+    tokens = nn.functional.normalize(torch.randn(b, n, d, generator=g), dim=-1).requires_grad_(True)
+    T.filip_loss(tokens, valid, patches, scale).backward()
+    per_position = tokens.grad.abs().sum(dim=(0, 2))
+    assert (per_position[1:5] > 0).all() and (per_position[[0, 5, 6]] == 0).all()  # every caption token, nothing else
+    with pytest.raises(ValueError, match="filip"):
+        T.ClipTraining(steps=1, batch_size=8, filip=-1.0)
