@@ -542,19 +542,17 @@ def _context(model: nn.Module) -> int:
     return int(getattr(model, "context_length", CONTEXT_LENGTH))
 
 
-def _text_features(model: nn.Module, ids: torch.Tensor, tokens: bool = False) -> Any:
+def _text_features(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``model.encode_text`` (normalised) on the prefix up to the batch's last end token: with the causal mask
     the pooled end-token feature does not depend on later positions, and captions are far shorter than the context.
-    ``tokens``: also every position's normalised projected state and which positions hold the caption (its words
-    and end token): ``(pooled, tokens, valid)``."""
+    Also every position's normalised projected state and which positions hold the caption (its words and end token,
+    for :func:`filip_loss`): ``(pooled, tokens, valid)``."""
     n = int(ids.argmax(dim=-1).max()) + 1
     ids = ids[:, :n]
     x = model.token_embedding(ids) + model.positional_embedding[:n]
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
     eot = ids.argmax(dim=-1)
     pooled = F.normalize(x[torch.arange(ids.shape[0], device=ids.device), eot] @ model.text_projection, dim=-1)
-    if not tokens:
-        return pooled
     position = torch.arange(n, device=ids.device)[None, :]
     return pooled, F.normalize(x @ model.text_projection, dim=-1), (position >= 1) & (position <= eot[:, None])
 
@@ -644,7 +642,7 @@ def _train(cfg: TinyClipConfig, dataset: torch.utils.data.Dataset, training: Cli
                               training.twin_kinds)
         image_f, patches = _image_features(model, _image_input(batch["image"].to(device), cfg.image_size))
         ids = tokenize(batch["caption"], _context(model)).to(device)
-        text_f, tokens, valid = _text_features(model, ids, tokens=True)
+        text_f, tokens, valid = _text_features(model, ids)
         loss = loss_fn(image_f, text_f, model.logit_scale.exp())
         if training.filip:
             k = min(training.filip_batch // 2, n_twins) if n_twins else min(training.filip_batch, len(ids))
