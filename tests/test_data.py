@@ -294,6 +294,99 @@ def test_held_out_split_is_fixed_by_seed_and_stable(tmp_path):
     assert {s.key for s in other.samples} != {s.key for s in val2.samples}
 
 
+def test_folder_without_data_dir_is_an_error_not_a_scan_of_the_current_folder(tmp_path, monkeypatch):
+    _write_folder(tmp_path, 2)
+    monkeypatch.chdir(tmp_path)  # a usable folder here: scanning "" would quietly succeed
+    for root in ("", "  ", None, [], [tmp_path, ""]):
+        with pytest.raises(ValueError, match="needs data_dir"):
+            data.FolderDataset(root, resolution=8)
+    with pytest.raises(ValueError, match="needs data_dir"):
+        data.make_dataset("folder", resolution=8)
+    with pytest.raises(ValueError, match="needs data_dir"):
+        data.make_dataset("folder", root="", resolution=8)
+    with pytest.raises(FileNotFoundError, match=r"\(data_dir\) does not exist"):
+        data.make_dataset("folder", root=tmp_path / "nope", resolution=8)
+    assert len(data.make_dataset("folder", root=tmp_path, resolution=8)) == 2
+
+
+def test_non_utf8_captions_are_skipped_and_counted(tmp_path):
+    import io
+    import tarfile
+
+    _write_folder(tmp_path, 3)
+    (tmp_path / "img01.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, payload in [("a.png", (tmp_path / "img00.png").read_bytes()), ("a.txt", b"\xff\xfe bad")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with pytest.warns(UserWarning, match="skipped 2 of 4: 2 unreadable caption"):
+        ds = data.FolderDataset(tmp_path, resolution=8)
+    assert sorted(s.key for s in ds.samples) == ["img00", "img02"]
+    assert ds.skipped_counts == {"unreadable caption": 2}
+    assert {Path(s.item).name for s in ds.skipped} == {"img01.png", "s.tar:a"}
+    assert "img01.txt is not UTF-8 text" in ds.skipped[0].detail
+    assert not any("\ufffd" in ds[i]["caption"] for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("check", ["decode", "header"])
+def test_max_pixels_refuses_large_images_in_every_check_mode(tmp_path, check):
+    _write_folder(tmp_path, 2)  # 24x24 = 576 pixels
+    big, _ = _scene(5, size=64)
+    big.save(tmp_path / "big.png")
+    (tmp_path / "big.txt").write_text("a 64x64 image: 4096 pixels")
+    data.write_shard(tmp_path / "s.tar", [("huge", big, "a 64x64 image in a shard")])
+    with pytest.warns(UserWarning, match="skipped 2 of 4: 2 too large image"):
+        ds = data.make_dataset("folder", root=tmp_path, resolution=8, check=check, max_pixels=1000)
+    assert sorted(s.key for s in ds.samples) == ["img00", "img01"] and ds.max_pixels == 1000
+    assert {Path(s.item).name for s in ds.skipped} == {"big.png", "s.tar:huge"}
+    assert all("64x64 = 4,096 pixels is over max_pixels=1,000" in s.detail for s in ds.skipped)
+    assert len(data.FolderDataset(tmp_path, resolution=8, check=check)) == 4  # the default limit lets them in
+    # loading enforces it too, for an image that grew past the limit after the scan
+    big.save(tmp_path / "img00.png")
+    with pytest.warns(UserWarning, match="skipping too large image"):
+        assert ds[0]["key"] == "img01"
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ValueError, match="max_pixels"):
+            data.FolderDataset(tmp_path, max_pixels=bad)
+    with pytest.raises(ValueError, match="max_pixels"):
+        data.make_dataset("procedural", size=4, max_pixels=0)
+    assert len(data.make_dataset("procedural", size=4, resolution=8, max_pixels=1000)) == 4
+
+
+@pytest.mark.parametrize("suffix, cut_in", [(".tar", "data"), (".tar", "header"), (".tar.gz", None)])
+def test_truncated_shard_keeps_its_complete_samples(tmp_path, suffix, cut_in):
+    import gzip
+    import tarfile
+
+    scenes = [(f"s{i}", *_scene(i)) for i in range(5)]
+    tar_path = data.write_shard(tmp_path / "full.tar", scenes)
+    raw = tar_path.read_bytes()
+    if suffix == ".tar":
+        with tarfile.open(tar_path) as tar:
+            member = tar.getmember("s3.png")
+        # through the middle of s3's image, or of its header: s0-s2 are whole
+        end = member.offset_data + member.size // 2 if cut_in == "data" else member.offset + 100
+        shard_bytes = raw[:end]
+    else:
+        packed = gzip.compress(raw)
+        shard_bytes = packed[: len(packed) * 7 // 10]
+    shard = tmp_path / "shards" / f"cut{suffix}"
+    shard.parent.mkdir()
+    shard.write_bytes(shard_bytes)
+    with pytest.warns(UserWarning, match=r"skipped 1 of \d: 1 truncated sample"):
+        ds = data.FolderDataset(shard.parent, resolution=None)
+    assert ds.skipped_counts == {"truncated sample": 1}  # counted in items, the shard is not dropped
+    keys = [s.key for s in ds.samples]
+    n = len(keys)
+    assert 1 <= n < 5 and keys == [f"cut{suffix}:s{i}" for i in range(n)]
+    if suffix == ".tar":
+        assert n == 3 and ds.skipped[0].item == ("cut.tar:s3" if cut_in == "data" else "cut.tar:after s2")
+    for i in range(n):  # every kept sample loads, pixels and caption intact
+        assert ds[i]["caption"] == scenes[i][2]
+        assert torch.allclose(ds[i]["image"], transforms.to_tensor(scenes[i][1]))
+
+
 # ----------------------------------------------------------------------------------------- transforms, batching
 def test_resize_crop_and_normalisation():
     image = Image.new("RGB", (120, 60), (255, 0, 0))

@@ -22,17 +22,27 @@ from torch.utils.data import DataLoader, Dataset
 from ..io import atomic_write
 from . import transforms
 from .emoji import EmojiDataset
-from .folder import FolderDataset, split_of, write_demo_folder, write_folder, write_shard
+from .folder import (MAX_PIXELS, FolderDataset, check_max_pixels, require_root, split_of, write_demo_folder,
+                     write_folder, write_shard)
 from .procedural import ProceduralDataset
 from .transforms import to_pil
 
 DATASETS: dict[str, type[Dataset]] = {"procedural": ProceduralDataset, "emoji": EmojiDataset, "folder": FolderDataset}
 
 
-def make_dataset(kind: str, **kwargs: Any) -> Dataset:
-    """``make_dataset("procedural", size=1000, resolution=64, seed=0, split="train")`` and so on."""
+def make_dataset(kind: str, *, max_pixels: int = MAX_PIXELS, **kwargs: Any) -> Dataset:
+    """``make_dataset("procedural", size=1000, resolution=64, seed=0, split="train")`` and so on.
+
+    ``max_pixels`` bounds the images a folder dataset decodes (generated kinds draw their own and ignore it);
+    ``kind="folder"`` needs a non-empty ``root`` (the notebooks' ``data_dir``).
+    """
     if kind not in DATASETS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(DATASETS)}")
+    check_max_pixels(max_pixels)
+    if kind == "folder":
+        # before any scanning: an empty root is Path(""), the current folder
+        require_root(kwargs.get("root"))
+        return DATASETS[kind](max_pixels=max_pixels, **kwargs)
     return DATASETS[kind](**kwargs)
 
 
@@ -165,4 +175,4 @@ class NotebookParams:
 
 __all__ = ["ProceduralDataset", "EmojiDataset", "FolderDataset", "DATASETS", "make_dataset", "collate",
            "make_loader", "cycle", "preview_grid", "save_preview", "split_of", "write_shard", "write_folder",
-           "write_demo_folder", "attribute_table", "images_per_second", "NotebookParams", "transforms"]
+           "MAX_PIXELS", "write_demo_folder", "attribute_table", "images_per_second", "NotebookParams", "transforms"]

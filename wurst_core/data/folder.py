@@ -10,10 +10,11 @@ Sources (detected from ``root``):
   (``jpg``, ``png``, ...) plus ``txt``. Read with :mod:`tarfile`; uncompressed shards are read by offset.
 
 Every candidate is checked when the dataset is built (the image fully decoded unless ``check="header"``), so a
-corrupt image or a missing caption is skipped, counted and reported (``.skipped`` and one warning) instead of
+corrupt image, an image over ``max_pixels`` (a decompression bomb), a missing or non-UTF-8 caption, or the
+samples a truncated shard cuts off are skipped, counted and reported (``.skipped`` and one warning) instead of
 crashing a training run at step 5,000. An image that still fails later is skipped the same way and replaced
 by the next sample (with loader worker processes, such late skips are reported by the workers' warnings).
-A missing folder, or one without a usable pair, is a clear error.
+An empty ``data_dir``, a missing folder, or one without a usable pair, is a clear error.
 """
 from __future__ import annotations
 
@@ -41,11 +42,36 @@ SHARD_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 MANIFEST_NAMES: tuple[str, ...] = ("metadata.csv", "metadata.jsonl")
 IMAGE_COLUMNS: tuple[str, ...] = ("image", "file_name", "file", "path")
 CAPTION_COLUMNS: tuple[str, ...] = ("caption", "text", "prompt")
+# PIL's default Image.MAX_IMAGE_PIXELS (~0.27 GB as RGB); PIL only warns there, we refuse above it in every check mode
+MAX_PIXELS: int = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more than ``max_pixels`` pixels; refused before any pixel is decoded."""
+
+
+def require_root(root: Any) -> list[Path]:
+    """``root`` as a list of paths; raise unless it names at least one: ``Path("")`` would scan the current folder."""
+    roots = [root] if root is None or isinstance(root, (str, Path)) else list(root)
+    if not roots or any(r is None or not str(r).strip() for r in roots):
+        raise ValueError(f"dataset='folder' needs data_dir (the folder dataset's root), got {root!r}: set data_dir to "
+                         "a folder of images with same-named .txt captions, a metadata.csv/.jsonl manifest, "
+                         "or WebDataset .tar shards")
+    return [Path(r) for r in roots]
+
+
+def check_max_pixels(max_pixels: int) -> int:
+    # a bool is an int to Python and a float limit is a typo: both would silently pass a bare comparison
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return max_pixels
 
 
 class Skipped(NamedTuple):
     item: str     # file path, or "shard.tar:key"
-    reason: str   # "unreadable image" | "no caption" | "missing image" | "no image" | "unreadable shard"
+    # "unreadable image" | "too large image" | "no caption" | "unreadable caption" | "missing image" | "no image"
+    # | "truncated sample" | "unreadable shard"
+    reason: str
     detail: str
 
 
@@ -75,7 +101,16 @@ def _is_image(path: Path) -> bool:
 
 
 def _read_caption(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace").strip() if path.is_file() else ""
+    # strict: a caption with replacement characters would silently teach the model garbage
+    return path.read_bytes().decode("utf-8").strip() if path.is_file() else ""
+
+
+def _not_utf8(name: str, e: UnicodeDecodeError) -> str:
+    return f"{name} is not UTF-8 text ({e.reason} at byte {e.start})"
+
+
+def _skip_reason(e: Exception) -> str:
+    return "too large image" if isinstance(e, (ImageTooLarge, Image.DecompressionBombError)) else "unreadable image"
 
 
 def _first(row: dict[str, Any], names: Sequence[str]) -> Any:
@@ -104,13 +139,16 @@ class FolderDataset(Dataset):
     Items are ``{"image": (3, H, W) in [0, 1], "caption": str, "index": int, "key": str}``; ``resolution``
     resizes the shorter side and crops a square (``crop="center"``, ``"random"`` or ``"none"``: squash);
     ``resolution=None`` keeps the original size. ``split="train"|"val"`` keeps the keys that
-    :func:`split_of` assigns to it.
+    :func:`split_of` assigns to it. Images whose header claims more than ``max_pixels`` pixels are skipped in
+    either ``check`` mode and never decoded (PIL's own global limit, which errors at twice its
+    ``Image.MAX_IMAGE_PIXELS``, still applies on top).
     """
 
     def __init__(self, root: str | Path | Sequence[str | Path], resolution: int | None = 64, crop: Crop = "center",
                  split: str | None = None, val_fraction: float = 0.1, seed: int = 0,
                  manifest: str | Path | None = None, check: Literal["decode", "header"] = "decode",
-                 warn: bool = True) -> None:
+                 warn: bool = True, max_pixels: int = MAX_PIXELS) -> None:
+        roots = require_root(root)
         if split not in (None, "train", "val"):
             raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
         if check not in ("decode", "header"):
@@ -118,14 +156,11 @@ class FolderDataset(Dataset):
         if crop not in ("center", "random", "none"):
             raise ValueError(f"crop must be 'center', 'random' or 'none', got {crop!r}")
         self.resolution, self.crop, self.split, self.seed, self.check = resolution, crop, split, seed, check
-        self.val_fraction = val_fraction
+        self.val_fraction, self.max_pixels = val_fraction, check_max_pixels(max_pixels)
         self.skipped: list[Skipped] = []
-        roots = [Path(r) for r in ([root] if isinstance(root, (str, Path)) else root)]
-        if not roots:
-            raise ValueError("no dataset path given")
         for r in roots:
             if not r.exists():
-                raise FileNotFoundError(f"dataset path {r} does not exist")
+                raise FileNotFoundError(f"dataset path {r} (data_dir) does not exist")
         self.root = roots[0] if len(roots) == 1 else roots
         candidates = self._scan(roots, Path(manifest) if manifest is not None else None)
         self.num_candidates = len(candidates) + len(self.skipped)
@@ -137,14 +172,14 @@ class FolderDataset(Dataset):
                 self._check(s, full=check == "decode")
                 self.samples.append(s)
             except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-                self.skipped.append(Skipped(self._name(s), "unreadable image", f"{type(e).__name__}: {e}"))
+                self.skipped.append(Skipped(self._name(s), _skip_reason(e), f"{type(e).__name__}: {e}"))
         if warn and self.skipped:
             warnings.warn(f"{self.__class__.__name__}({self.root}): {self.skip_summary()} (see .skipped)", stacklevel=2)
         if not self.samples:
             what = f" in split {split!r}" if split else ""
-            raise ValueError(f"no usable image-caption pairs{what} in {self.root}: {self.num_candidates} candidates, "
-                             f"{self.skip_summary()}. Expected images ({', '.join(IMAGE_EXTENSIONS)}) with same-named "
-                             ".txt captions, a metadata.csv/.jsonl manifest, or WebDataset .tar shards")
+            raise ValueError(f"no usable image-caption pairs{what} in data_dir={self.root}: {self.num_candidates} "
+                             f"candidates, {self.skip_summary()}. Expected images ({', '.join(IMAGE_EXTENSIONS)}) "
+                             "with same-named .txt captions, a metadata.csv/.jsonl manifest, or WebDataset .tar shards")
 
     # ---------------------------------------------------------------- scanning
     def _scan(self, roots: list[Path], manifest: Path | None) -> list[_Sample]:
@@ -167,7 +202,12 @@ class FolderDataset(Dataset):
                     if _is_shard(path):
                         samples += self._scan_shard(path)
                     elif _is_image(path):
-                        cap = _read_caption(path.with_suffix(".txt"))
+                        try:
+                            cap = _read_caption(path.with_suffix(".txt"))
+                        except UnicodeDecodeError as e:
+                            why = _not_utf8(f"{path.stem}.txt", e)
+                            self.skipped.append(Skipped(str(path), "unreadable caption", why))
+                            continue
                         key = str(path.relative_to(root).with_suffix(""))
                         if cap:
                             samples.append(_Sample(key, str(path), cap))
@@ -193,12 +233,20 @@ class FolderDataset(Dataset):
         return samples
 
     def _scan_shard(self, shard: Path) -> list[_Sample]:
-        """Group a shard's members by WebDataset key; keep the first image and the ``txt`` of each key."""
+        """Group a shard's members by WebDataset key; keep the first image and the ``txt`` of each key.
+
+        A shard cut off partway (an interrupted download or copy) keeps its complete samples; the sample the cut
+        runs through is skipped as ``"truncated sample"`` (later ones left no trace to count).
+        """
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         captions: dict[str, str] = {}
+        bad_captions: dict[str, str] = {}
+        compressed = not shard.name.lower().endswith(".tar")
+        size = shard.stat().st_size
+        last: tuple[str, str, tarfile.TarInfo] | None = None   # (key, ext, info) of the last header read
+        cut: str | None = None
         try:
             with tarfile.open(shard, "r:*") as tar:
-                compressed = not shard.name.lower().endswith(".tar")
                 for info in tar:
                     if not info.isfile():
                         continue
@@ -206,18 +254,45 @@ class FolderDataset(Dataset):
                     stem, dot, ext = base.partition(".")
                     if not dot:
                         continue
-                    key = f"{folder}/{stem}" if folder else stem
-                    groups.setdefault(key, {})[ext.lower()] = info
-                    if ext.lower() == "txt":
-                        captions[key] = tar.extractfile(info).read().decode("utf-8", errors="replace").strip()
+                    key, ext = (f"{folder}/{stem}" if folder else stem), ext.lower()
+                    groups.setdefault(key, {})[ext] = info
+                    last = (key, ext, info)
+                    if ext == "txt":
+                        raw = tar.extractfile(info).read()
+                        try:
+                            captions[key] = raw.decode("utf-8").strip()
+                        except UnicodeDecodeError as e:
+                            bad_captions[key] = _not_utf8(base, e)
+                # tarfile ends quietly on a header cut short or missing; a whole archive has an end block there
+                if not compressed and size < tar.offset + tarfile.BLOCKSIZE:
+                    cut = f"the file ends at byte {size}, inside or before a member header"
         except (tarfile.TarError, OSError, EOFError) as e:
-            self.skipped.append(Skipped(str(shard), "unreadable shard", f"{type(e).__name__}: {e}"))
-            return []
+            if not groups:
+                self.skipped.append(Skipped(str(shard), "unreadable shard", f"{type(e).__name__}: {e}"))
+                return []
+            cut = f"{type(e).__name__}: {e}"
+        if cut is not None:
+            # one lost item per cut: the sample it runs through (named if its header was read); later ones left no trace
+            lost = f"after {last[0]}" if last else "at its start"
+            if last is not None:
+                key, ext, info = last
+                # the last member read is whole if its data lies inside the file (a caption: if it was read in full)
+                read = key in captions or key in bad_captions
+                whole = read if ext == "txt" else not compressed and info.offset_data + info.size <= size
+                members = groups[key]
+                if not whole or "txt" not in members or not any(e in members for e in IMAGE_EXTENSIONS):
+                    del groups[key]
+                    bad_captions.pop(key, None)
+                    lost = key
+            self.skipped.append(Skipped(f"{shard.name}:{lost}", "truncated sample",
+                                        f"the shard is cut off here ({cut}); any later samples are lost uncounted"))
         samples = []
         for key, members in groups.items():
             name = f"{shard.name}:{key}"
             image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-            if image is None:
+            if key in bad_captions:
+                self.skipped.append(Skipped(name, "unreadable caption", bad_captions[key]))
+            elif image is None:
                 self.skipped.append(Skipped(name, "no image", f"members {sorted(members)}"))
             elif not captions.get(key):
                 self.skipped.append(Skipped(name, "no caption", f"members {sorted(members)}"))
@@ -231,18 +306,26 @@ class FolderDataset(Dataset):
     def _name(s: _Sample) -> str:
         return s.source if s.member is None else s.key
 
-    @staticmethod
-    def _open(s: _Sample) -> Image.Image:
+    def _open(self, s: _Sample) -> Image.Image:
+        """The image, opened lazily (header only), refused before decoding when it claims over ``max_pixels``."""
         if s.member is None:
-            return Image.open(s.source)
-        if s.offset is not None:
-            with open(s.source, "rb") as f:
-                f.seek(s.offset)
-                data = f.read(s.length)
+            image = Image.open(s.source)
         else:
-            with tarfile.open(s.source, "r:*") as tar:
-                data = tar.extractfile(s.member).read()
-        return Image.open(io.BytesIO(data))
+            if s.offset is not None:
+                with open(s.source, "rb") as f:
+                    f.seek(s.offset)
+                    data = f.read(s.length)
+            else:
+                with tarfile.open(s.source, "r:*") as tar:
+                    # stop at the member: getmember() would read on to the end, into a truncated shard's cut
+                    info = next(i for i in tar if i.name == s.member)
+                    data = tar.extractfile(info).read()
+            image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > self.max_pixels:
+            image.close()
+            raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over max_pixels={self.max_pixels:,}")
+        return image
 
     def _check(self, s: _Sample, full: bool = True) -> None:
         with self._open(s) as image:
@@ -279,8 +362,8 @@ class FolderDataset(Dataset):
                 image = self._load(s)
                 break
             except Exception as e:  # a file changed or broke after the scan: skip it, never crash the run
-                self.skipped.append(Skipped(self._name(s), "unreadable image", f"{type(e).__name__}: {e}"))
-                warnings.warn(f"skipping unreadable image {self._name(s)} ({e}); {self.skip_summary()}")
+                self.skipped.append(Skipped(self._name(s), _skip_reason(e), f"{type(e).__name__}: {e}"))
+                warnings.warn(f"skipping {self.skipped[-1].reason} {self._name(s)} ({e}); {self.skip_summary()}")
         else:
             raise RuntimeError(f"every image of {self.root} became unreadable: {self.skip_summary()}")
         if self.resolution is None:
