@@ -11,6 +11,8 @@ THREADS ?= 1
 # torch/torchvision are pinned so that every run is reproducible (the 2.13 CPU wheel + PyPI torchvision fails to import).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+# JupyterLab refuses to start as root without --allow-root, and these machines run as root.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .PHONY: help install fonts test test-unit test-notebooks test-slow reproduce reports lab clean-runs
@@ -53,7 +55,7 @@ reports: install ## rebuild reports/index.md from the latest runs (no training)
 	$(PY) -m wurst_core report --profile $(PROFILE)
 
 lab: install ## JupyterLab on the notebooks
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 clean-runs: ## delete reports/runs (executed notebooks, checkpoints)
 	rm -rf reports/runs

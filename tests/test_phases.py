@@ -98,10 +98,10 @@ def test_stage_c_objective_is_the_released_one_except_the_tiny_noise_shift(monke
     ab_tiny = tiny.schedule.alpha_bar(tiny.sample_t(20_000, g)).mean()
     ab_released = released.schedule.alpha_bar(released.sample_t(20_000, g)).mean()
     assert ab_tiny < ab_released - 0.05, "the shifted objective trains at more noise"
-    with pytest.raises(ValueError, match="t sampler"):
-        notebook.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"}).diffusion()
-    with pytest.raises(ValueError, match="shift"):
-        notebook.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0}).diffusion()
+    with pytest.raises(notebook.ParameterError, match="'t_sampler' must be one of"):  # refused at resolve time
+        notebook.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"})
+    with pytest.raises(notebook.ParameterError, match="'noise_shift' must lie in"):
+        notebook.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0})
 
 
 def test_stage_b_guidance_is_the_released_zero_on_paper_and_an_explicit_zero_is_kept(monkeypatch):

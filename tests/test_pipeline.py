@@ -203,7 +203,7 @@ def test_callback_and_bad_inputs(adapted):
     with pytest.raises(ValueError, match="negative prompts"):
         adapted(["a", "b", "c"], ["x", "y"], height=SIZE, width=SIZE)
     with pytest.raises(ValueError, match="not a multiple of 16"):
-        adapted("a cat", height=SIZE, width=170, prior_steps=1, decoder_steps=1)  # 170 px -> 5 -> 53 latents
+        adapted("a cat", height=SIZE, width=170, prior_steps=1, decoder_steps=1)  # 170 px -> 4 -> 42 latents
     with pytest.raises(ValueError, match="decreasing"):
         adapted("a cat", prior_timesteps=[0.0, 1.0])
     with pytest.raises(ValueError, match="batch 2, expected 1"):
@@ -477,3 +477,63 @@ def test_sampling_notebook_helpers():
     assert table["l1_to_most_steps"].iloc[1] == 0.0 and table["l1_to_most_steps"].iloc[0] > 0
     with pytest.raises(FileNotFoundError, match="weights_dir"):
         load_sampling_pipeline(build(SamplingParams, {"profile": "paper"}))
+
+
+# ------------------------------------------------------------------ bad input refused early (issue 18)
+@pytest.fixture()
+def plain():
+    """Parity-sized networks of ours, no text encoders (embeddings are passed): a pipeline built in milliseconds."""
+    from wurst_core.models import build_model
+
+    torch.manual_seed(0)
+    return Pipeline(build_model("c", "parity"), build_model("b", "parity"), build_model("a", "parity"),
+                    prior_guidance=0.0)
+
+
+def _embeds(n=1):
+    g = torch.Generator().manual_seed(0)
+    return dict(prior_text_embeds=torch.randn(n, 77, 32, generator=g),
+                decoder_text_embeds=torch.randn(n, 77, 24, generator=g))
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(prior_guidance=float("nan")), "prior_guidance must be a finite number >= 0, got nan"),
+    (dict(decoder_guidance=float("inf")), "decoder_guidance must be a finite number >= 0, got inf"),
+    (dict(prior_guidance=-1.0), "prior_guidance must be a finite number >= 0, got -1.0"),
+    (dict(prior_steps=0), "prior_steps must be between 1 and 1000, got 0"),
+    (dict(decoder_steps=1001), "decoder_steps must be between 1 and 1000, got 1001"),
+    (dict(prior_steps=2.5), "prior_steps must be an integer, got 2.5"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be >= 1, got 0"),
+    (dict(height=-SIZE), f"height must be >= 1, got {-SIZE}"),
+    # 64 px: a 21-pixel Stage B latent, which used to fail only after Stage C had been sampled
+    (dict(height=64), "height 64 px gives a 21-pixel Stage B latent, not a multiple of 16 as this Stage B needs; "
+                      "sizes that work nearby: 128"),
+    (dict(height=12672, width=12672, num_images_per_prompt=64), "(estimate), more than the"),
+])
+def test_call_refuses_bad_input_before_sampling(plain, kw, says):
+    args = dict(height=SIZE, width=SIZE, prior_steps=2, decoder_steps=2) | kw
+    with pytest.raises(ValueError) as err:
+        plain(callback=lambda *a: pytest.fail("sampled"), **_embeds(), **args)
+    assert says in str(err.value)
+
+
+def test_float16_is_refused_at_every_entry(plain, tmp_path):
+    from wurst_core.models import build_model
+
+    message = r"float16 is refused: .* use bfloat16 .* or float32"
+    with pytest.raises(ValueError, match=message):
+        plain.to(torch.float16)
+    with pytest.raises(ValueError, match=message):
+        plain.to("cpu", dtype="float16")
+    with pytest.raises(ValueError, match="networks are float16: " + message):
+        Pipeline(plain.stage_c, plain.stage_b, build_model("a", "parity").half())
+    with pytest.raises(ValueError, match=message):  # refused before the folder is even looked at
+        Pipeline.from_pretrained(tmp_path / "missing", dtype=torch.float16)
+    plain.stage_b.half()  # behind the pipeline's back: the call refuses it
+    with pytest.raises(ValueError, match="networks are float16"):
+        plain(**_embeds(), height=SIZE, width=SIZE, prior_steps=1, decoder_steps=1,
+              callback=lambda *a: pytest.fail("sampled"))
+    # bfloat16 runs (autocast turns itself on for bfloat16 networks, also on CPU) and gives finite images
+    images = plain.to(torch.bfloat16)(**_embeds(), height=SIZE, width=SIZE, prior_steps=2, decoder_steps=2,
+                                      generator=torch.Generator().manual_seed(0))
+    assert plain.stage_b.clf[1].weight.dtype == torch.bfloat16 and torch.isfinite(images).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -247,10 +248,64 @@ def test_wrong_stage_truncated_file_and_unsafe_pickle(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
         load_model(tmp_path / "cut.safetensors")
     torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1e-4)}, tmp_path / "evil.pt")  # arbitrary object
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError) as err:
         load_model(tmp_path / "evil.pt")
+    # our own message: torch's advises an unrestricted load, which would run the file's code
+    assert str(err.value) == (f"{tmp_path / 'evil.pt'} is not a plain tensor checkpoint: it holds pickled Python "
+                              f"objects (argparse.Namespace), refused for safety (unpickling can run arbitrary code); "
+                              f"keep only tensors in it, or use .safetensors")
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # not even in a --debug traceback
+    with open(tmp_path / "plain.pkl", "wb") as f:  # a plain (non-zip) pickle of an object
+        pickle.dump({"state_dict": sd, "args": argparse.Namespace(lr=1e-4)}, f)
+    with pytest.raises(CheckpointError, match="not a plain tensor checkpoint") as err:
+        load_model(tmp_path / "plain.pkl")
+    assert "weights_only" not in str(err.value)
     with pytest.raises(CheckpointError, match="Semantic Compressor is saved with Stage B"):
         load_model(tmp_path / "a.pt", stage="semantic")
+
+
+@pytest.mark.parametrize("stage, key, shape, closest", [
+    # Stage C's width is read off projection.weight: damaged, it made all 38 other tensors look mis-shaped
+    ("c", "projection.weight", (64, 16, 1, 1), "size 'parity' with c_cond=24"),
+    # Stage B's output channels are read off clf.1.weight: damaged, the correct clf.1.bias was the one named
+    ("b", "clf.1.weight", (8, 16, 1, 1), "size 'parity'"),
+    # Stage B's patch size is read off embedding.1.weight
+    ("b", "embedding.1.weight", (16, 36, 1, 1), "size 'parity'"),
+])
+def test_a_damaged_tensor_that_the_architecture_is_read_from_is_named(tmp_path, stage, key, shape, closest):
+    config = dataclasses.replace(SIZES[stage]["parity"], **({"c_cond": 24} if stage == "c" else {}))
+    sd = build_model(stage, config).state_dict()
+    expected = tuple(sd[key].shape)
+    sd[key] = torch.zeros(shape)
+    torch.save({"state_dict": sd}, tmp_path / "m.pt")  # a .pt stores no config: it is inferred from the shapes
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "m.pt")
+    text = str(err.value)
+    assert f"closest architecture: {closest} (" in text and f"Keys that do not fit it (1 of {len(sd)}):" in text
+    assert text.endswith(f"\n    {key}: expected {expected}, got {shape}") and text.count("\n") == 1
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        load_model(tmp_path / "m.pt", config=config)  # the architecture given: the one bad key, as before
+
+
+def test_a_checkpoint_far_from_every_size_keeps_the_full_listing(tmp_path):
+    # a custom size with one bad key inference does not read: the registry is no closer, the listing stays
+    config = dataclasses.replace(STAGE_C_SIZES["parity"], c_in=2, c=8, c_r=8, nhead=1)
+    sd = build_model("c", config).state_dict()
+    sd["out.1.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "m.pt")
+    text = str(err.value)
+    assert "mis-shaped keys (1):\n    out.1.bias: checkpoint (3,) vs model (4,)" in text
+    assert "architecture read off projection.weight, cond_mapper.0.weight, blocks.1.mapper.weight" in text
+
+
+def test_float16_is_refused(tmp_path):
+    save_model(build_model("c", "parity"), tmp_path / "c")
+    for dtype in (torch.float16, "float16", "half"):
+        with pytest.raises(ValueError, match="float16 is refused.*NaN.*use bfloat16 .* or float32"):
+            load_model(tmp_path / "c", dtype=dtype)
+    assert load_model(tmp_path / "c", dtype="bfloat16").projection.weight.dtype == torch.bfloat16
 
 
 def test_a_missing_key_is_not_a_partial_load(tmp_path):

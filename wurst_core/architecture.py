@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models import NETWORKS, build_model, count_parameters
-from .notebook import choice
+from .notebook import PROFILES, choice, param
 
 NETWORK_NAMES = {"a": "Stage A (VQGAN)", "semantic": "Semantic Compressor", "b": "Stage B (DiffNeXt)",
                  "c": "Stage C (prior)"}
@@ -28,9 +28,10 @@ SEMANTIC_RESIZE = 0.75               # paper §3.1: 1024 px images are resized t
 class ArchitectureParams:
     """Parameters of notebooks/02_architecture.ipynb (0 / "" = the profile's value)."""
 
-    profile: str = choice("tiny", "smoke", "tiny", "paper")
-    sizes: str = ""        # comma-separated registry sizes to tabulate, e.g. "tiny,paper"
-    image_size: int = 0    # image side in pixels for the FLOPs and the shape walk
+    profile: str = choice("tiny", *PROFILES)
+    # comma-separated sizes to tabulate, e.g. "tiny,paper": each must be in some stage's registry
+    sizes: str = param("", item_choices=tuple(sorted(set().union(*(n.sizes for n in NETWORKS.values())))))
+    image_size: int = param(0, ge=64, le=8192)  # image side in pixels for the FLOPs and the shape walk
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:

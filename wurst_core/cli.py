@@ -1,8 +1,15 @@
-"""The ``wurst`` command (also ``python -m wurst_core``)."""
+"""The ``wurst`` command (also ``python -m wurst_core``).
+
+Errors: a user error (a missing file or folder, a bad parameter or checkpoint, a size that does not fit) prints
+``wurst: error: <message>`` on stderr (one line, but for listings such as a checkpoint's misfitting keys) and exits
+with 2, as argparse does for bad options; anything else prints one ``wurst: error: unexpected ...`` line and exits
+with 1. ``wurst --debug <command>`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import sys
 from typing import Any, Sequence
 
@@ -16,11 +23,14 @@ def _value(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wurst", description="Würstchen workbench")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("reproduce", help="run every notebook on a profile and rebuild reports/index.md")
     r.add_argument("--profile", default="tiny", choices=["smoke", "tiny", "paper"])
     r.add_argument("--only", nargs="*", help="notebook stems to run (default: all, in order)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the newest reproduce run: skip finished notebooks, resume interrupted training")
 
     n = sub.add_parser("run", help="run one notebook through papermill into its run folder")
     n.add_argument("notebook", help="notebook stem, e.g. 03_stage_a")
@@ -52,12 +62,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--prior-guidance", type=float, default=None, help="Stage C guidance (default: the pipeline's own)")
     g.add_argument("--decoder-steps", type=int, default=12)
     g.add_argument("--decoder-guidance", type=float, default=None, help="Stage B guidance (default: the pipeline's own)")
+    g.add_argument("--dtype", default=None, help="the networks' precision: float32 (default) or bfloat16")
 
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # argparse has printed its message: return its code, as for every other error
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("wurst: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        message = _user_error(e)
+        if message is not None:
+            print(f"wurst: error: {message}", file=sys.stderr)
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"wurst: error: unexpected {type(e).__name__}: {first} (rerun as `wurst --debug ...` for the "
+              f"traceback)", file=sys.stderr)
+        return 1
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _user_error(e: Exception) -> str | None:
+    """The message of an error the user can fix (bad input), None for anything else (a bug)."""
+    if isinstance(e, KeyError):  # str(KeyError) is the key's repr; say what it is
+        return f"missing key {e}"
+    if isinstance(e, (OSError, ValueError)):  # files; parameters (ParameterError), checkpoints, sizes, memory
+        return str(e) or type(e).__name__
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
+        return f"out of memory ({str(e).splitlines()[0] if str(e) else 'no details'}); ask for a smaller image"
+    return None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.cmd == "reproduce":
         from .reproduce import reproduce
 
-        times = reproduce(args.profile, args.only)
+        times = reproduce(args.profile, args.only, resume=args.resume)
         print("wall seconds per notebook:", {k: round(v, 1) for k, v in times.items()})
     elif args.cmd == "run":
         from .reproduce import run_notebook
@@ -65,12 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run_notebook(args.notebook, args.profile, {k: _value(v) for k, v in args.param})
         print(out)
     elif args.cmd == "notebooks":
-        from .reproduce import notebook_parameters, notebooks
+        from .registry import notebooks, schema
+        from .reproduce import notebook_parameters
 
-        for name in notebooks():
+        for name in notebooks():  # the schema's fields, with the help of the notebook's parameters cell
             print(name)
-            for k, v in notebook_parameters(name).items():
-                print(f"    {k}: {v['inferred_type_name']} = {v['default']}  # {v['help']}")
+            cell = notebook_parameters(name)
+            for f in dataclasses.fields(schema(name)):
+                help_ = cell.get(f.name, {}).get("help", "(missing from the parameters cell)")
+                allowed = (f"  in {f.metadata['domain']}" if "domain" in f.metadata else
+                           f"  one of {' | '.join(map(str, f.metadata['choices']))}" if "choices" in f.metadata else "")
+                print(f"    {f.name}: {_type_name(f.type)} = {f.default!r}  # {help_}{allowed}")
     elif args.cmd == "report":
         from .report import build_report
 
@@ -83,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .pipeline import generate
 
         kw = {k: v for k, v in dict(height=args.height, width=args.width).items() if v is not None}
-        print(generate(" ".join(args.prompt), args.weights, seed=args.seed, out=args.out,
+        print(generate(" ".join(args.prompt), args.weights, seed=args.seed, out=args.out, dtype=args.dtype,
                        prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
                        decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, **kw))
     return 0

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -68,6 +71,34 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
 
 def save_torch(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class UnsafePickleError(ValueError):
+    """A torch pickle holding more than tensors and plain containers: refused, since unpickling can run code."""
+
+
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """``torch.load`` of tensors and plain containers only (``weights_only=True``), memory-mapped where the file
+    allows it (zip format); anything else raises ``UnsafePickleError`` with a message of our own."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # old (non-zip) pickles cannot be memory-mapped
+                raise
+            with warnings.catch_warnings():  # torch warns about the protocol of pickles it then refuses anyway
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _PICKLED_GLOBAL.search(str(e))
+        what = f" ({found[1]})" if found else ""
+        # `from None`: torch's own message advises an unrestricted load, which would run the file's code
+        raise UnsafePickleError(f"{path} is not a plain tensor checkpoint: it holds pickled Python objects{what}, "
+                                f"refused for safety (unpickling can run arbitrary code); keep only tensors in it, "
+                                f"or use .safetensors") from None
 
 
 def save_model_checkpoint(directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

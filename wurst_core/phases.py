@@ -20,16 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import notebook
-from .diffusion import CosineSchedule, Diffusion
+from .data import MAX_PIXELS, make_dataset
+from .diffusion import LOSS_WEIGHTS, T_SAMPLERS, CosineSchedule, Diffusion
 from .evaluation.pixels import psnr, ssim
 from .models.semantic import (SEMANTIC_SIZES, SemanticCompressor, SemanticCompressorConfig, preprocess,
                               tiny_backbone_widths)
 from .models.stage_a import STAGE_A_SIZES, StageA
 from .models.stage_b import STAGE_B_SIZES, StageB
 from .models.stage_c import STAGE_C_SIZES, StageC
+from .notebook import param
 from .runs import Run, latest_run
 from .tasks import StageATask, StageBTask, StageCTask, TextCache, freeze
-from .train import TrainConfig, fit_processes
+from .text import LAYERS
+from .train import TrainConfig, fit_processes, load_training_state
 
 STAGE_NOTEBOOKS = {"a": "03_stage_a", "b": "04_stage_b", "c": "05_stage_c"}
 
@@ -43,13 +46,12 @@ class Stream:
     small pool, which the compositional held-out prompts would expose.
     """
 
-    def __init__(self, kind: str, n: int, resolution: int, seed: int, split: str = "train", data_dir: str = ""):
-        from .data import make_dataset
-
+    def __init__(self, kind: str, n: int, resolution: int, seed: int, split: str = "train", data_dir: str = "",
+                 max_pixels: int = MAX_PIXELS):
         kw: dict[str, Any] = {"size": n, "resolution": resolution, "seed": seed, "split": split}
         if kind == "folder":
             kw = {"root": data_dir, "resolution": resolution, "seed": seed, "split": split}
-        self.dataset = make_dataset(kind, **kw)
+        self.dataset = make_dataset(kind, max_pixels=max_pixels, **kw)
         self.n = min(n, len(self.dataset))
 
     def __len__(self) -> int:
@@ -65,12 +67,12 @@ class Stream:
 
 
 def load_images(kind: str, n: int, resolution: int, seed: int, split: str, data_dir: str = "",
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """Materialise ``n`` items of a dataset in memory: {"image": (n,3,H,W), "caption": [...], "attributes": [...]}
     (held-out sets, evaluated several times)."""
     from tqdm.auto import tqdm
 
-    stream = Stream(kind, n, resolution, seed, split, data_dir)
+    stream = Stream(kind, n, resolution, seed, split, data_dir, max_pixels)
     items = [stream.dataset[i] for i in tqdm(range(len(stream)), desc=f"render {kind}/{split}", disable=not progress,
                                              mininterval=1.0)]
     return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
@@ -82,23 +84,32 @@ def load_images(kind: str, n: int, resolution: int, seed: int, split: str, data_
 class PhaseParams:
     """Settings every phase shares (the leading parameters of notebooks 03-05)."""
 
-    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    profile: str = notebook.choice("tiny", *notebook.PROFILES)
     dataset: str = notebook.choice("procedural", "procedural", "emoji", "folder")
     data_dir: str = ""          # folder dataset root (dataset="folder")
-    resolution: int = 0         # training image size in pixels
-    n_train: int = 0            # size of the training set, streamed (procedural: distinct images)
-    n_val: int = 0              # held-out images for the metrics
-    size: str = ""              # model size registry key
-    steps: int = 0
-    batch_size: int = 0
-    lr: float = 0.0
-    warmup_steps: int = 0
-    lr_schedule: str = ""
-    ema_beta: float = 0.0
-    grad_accum: int = 1
-    workers: int = 0            # CPU training processes joined by gloo DDP (0: profile default; tiny: 2)
-    seed: int = 0
+    max_pixels: int = param(MAX_PIXELS, ge=1)     # folder images above this many pixels are skipped (bombs)
+    resolution: int = param(0, ge=8, le=4096)     # training image size in pixels
+    n_train: int = param(0, ge=1)                 # size of the training set, streamed (procedural: distinct images)
+    n_val: int = param(0, ge=1)                   # held-out images for the metrics
+    size: str = ""              # model size registry key (each stage's schema lists its registry)
+    steps: int = param(0, ge=1)
+    batch_size: int = param(0, ge=1)
+    lr: float = param(0.0, gt=0, le=1)
+    warmup_steps: int = param(0, ge=0)
+    lr_schedule: str = notebook.choice("", "constant", "cosine")
+    ema_beta: float = param(0.0, ge=0, lt=1)
+    grad_accum: int = param(1, ge=1)
+    workers: int = param(0, ge=1, le=64)          # CPU training processes joined by gloo DDP (tiny: 2)
+    seed: int = param(0, ge=0)
     resume: bool = False
+    diverge_factor: float = param(100.0, gt=1)    # stop when the smoothed loss exceeds its best by this factor
+
+    def check(self) -> None:
+        if self.dataset == "folder" and not self.data_dir:
+            raise ValueError("parameter 'data_dir' is required with dataset='folder' (the images + captions folder)")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"parameter 'batch_size' ({self.batch_size}) must be divisible by 'grad_accum' "
+                             f"({self.grad_accum})")
 
     def train_config(self) -> TrainConfig:
         """The optimisation settings; EMA every step after 10 % warm-up on the small profiles."""
@@ -107,7 +118,8 @@ class PhaseParams:
                            lr_schedule=self.lr_schedule, grad_accum=self.grad_accum, ema_beta=self.ema_beta,
                            ema_every=1 if small else 100, ema_start=self.steps // 10 if small else 5000,
                            ckpt_every=max(1, self.steps // 4) if small else 5000,
-                           log_every=max(1, self.steps // 50) if small else 100, seed=self.seed)
+                           log_every=max(1, self.steps // 50) if small else 100, seed=self.seed,
+                           diverge_factor=self.diverge_factor)
 
 
 _COMMON = {
@@ -125,9 +137,10 @@ _COMMON = {
 
 @dataclass(frozen=True)
 class StageAParams(PhaseParams):
-    l1_weight: float = 0.0          # extra L1 reconstruction term
-    reset_every: int = 0            # dead-code reset period in steps (0: profile default)
-    crop: int = 0                   # side of the random training crops (>= resolution: whole images)
+    size: str = notebook.choice("", *STAGE_A_SIZES)
+    l1_weight: float = param(0.0, ge=0)          # extra L1 reconstruction term
+    reset_every: int = param(0, ge=1)            # dead-code reset period in steps (0: profile default)
+    crop: int = param(0, ge=8)                   # side of the random training crops (>= resolution: whole images)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
@@ -140,15 +153,16 @@ class StageAParams(PhaseParams):
 
 @dataclass(frozen=True)
 class StageBParams(PhaseParams):
-    compressor: str = ""            # Semantic Compressor size (tiny: a small CNN; paper: EfficientNetV2-S)
+    size: str = notebook.choice("", *STAGE_B_SIZES)
+    compressor: str = notebook.choice("", *SEMANTIC_SIZES)  # tiny: a small CNN; paper: EfficientNetV2-S
     compressor_weights: str = ""    # optional local file with ImageNet (or released) compressor weights
-    compressor_stages: int = 0      # tiny backbone: stride-2 stages (3: 64 px -> 8 x 8; EfficientNet: 5)
-    sc_size: int = 0                # compressor input size (paper §3.1: 786/768 px -> 24 x 24)
-    p_drop_sc: float = 0.05         # released recipe: 5 % of the compressor embeddings dropped (CFG)
-    p_noise_sc: float = 0.3         # ... 30 % noised with t ~ U(0, 0.5)
-    p_drop_text: float = 0.05
-    sample_steps: int = 0           # Stage B sampling steps for the reconstruction metrics (paper: tau_B = 12)
-    decoder_guidance: float | None = None  # Stage B guidance of the reconstructions and of the pipeline (release: 0)
+    compressor_stages: int = param(0, ge=0, le=8)  # tiny backbone: stride-2 stages, 3: 64 px -> 8 x 8 (0: its own)
+    sc_size: int = param(0, ge=8, le=4096)   # compressor input size (paper §3.1: 786/768 px -> 24 x 24)
+    p_drop_sc: float = param(0.05, ge=0, le=1)   # released recipe: 5 % of the compressor embeddings dropped (CFG)
+    p_noise_sc: float = param(0.3, ge=0, le=1)   # ... 30 % noised with t ~ U(0, 0.5)
+    p_drop_text: float = param(0.05, ge=0, le=1)
+    sample_steps: int = param(0, ge=1, le=1000)  # Stage B sampling steps for the reconstructions (paper: tau_B = 12)
+    decoder_guidance: float | None = param(None, ge=0)  # Stage B guidance of the reconstructions and pipeline
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
@@ -166,16 +180,17 @@ class StageBParams(PhaseParams):
 
 @dataclass(frozen=True)
 class StageCParams(PhaseParams):
-    latent_scaling: str = ""        # "v2": (f+1)/42 as released v2 | "std": unit variance | "none"
-    p_drop_text: float = 0.05       # paper §3.2: text dropped 5 % of the time (CFG)
-    loss_weight: str = "p2"         # paper §3.2: p2 weighting
-    t_sampler: str = ""             # training t: "stretched" (released, 7.5 % at t = 1) | "uniform" (StableCascade)
-    noise_shift: float = 0.0        # logSNR shift of the training t (StableCascade GDF): 1 = Würstchen v2, > 1 noisier
-    text_layer: str = ""            # text hidden states Stage C reads: "last" (released v2) | "penultimate" | ...
-    guidance: float | None = None   # Stage C guidance of the sample grid and of the saved pipeline (released: 4)
-    sample_steps: int = 0           # tau_C (paper: 60)
-    n_prompts: int = 16             # held-out prompts in the sample grid
-    layout_probe_steps: int = 0     # steps of the text-layout probe per text layer (evaluation/text_layout.py)
+    size: str = notebook.choice("", *STAGE_C_SIZES)
+    latent_scaling: str = notebook.choice("", "v2", "std", "none")  # v2: (f+1)/42 as released | std: unit variance
+    p_drop_text: float = param(0.05, ge=0, le=1)  # paper §3.2: text dropped 5 % of the time (CFG)
+    loss_weight: str = notebook.choice("p2", *LOSS_WEIGHTS)  # paper §3.2: p2 weighting
+    t_sampler: str = notebook.choice("", *T_SAMPLERS)  # stretched (released, 7.5 % at t = 1) | uniform
+    noise_shift: float = param(0.0, gt=0, le=64)  # logSNR shift of the training t: 1 = Würstchen v2, > 1 noisier
+    text_layer: str = notebook.choice("", *LAYERS)  # text hidden states Stage C reads (released v2: last)
+    guidance: float | None = param(None, ge=0)   # Stage C guidance of the sample grid and saved pipeline
+    sample_steps: int = param(0, ge=1, le=1000)  # tau_C (paper: 60)
+    n_prompts: int = param(16, ge=1)             # held-out prompts in the sample grid
+    layout_probe_steps: int = param(-1, ge=0, unset=-1)  # text-layout probe steps per text layer (0: no probe)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
@@ -319,6 +334,12 @@ def _fit_phase(task: nn.Module, p: PhaseParams, run: Run, stage: str, data: Stre
     """Train ``task`` on ``data`` into ``<run>/checkpoints/train_<stage>``, then load its EMA weights; returns the
     log and the training seconds."""
     ckpt = checkpoint_dir(run, f"train_{stage}")
+    if p.resume:
+        state = ckpt / "train_state.pt"
+        begin = load_training_state(state)["step"] if state.exists() else 0
+        message = f"Stage {stage.upper()}: resuming {run.dir} from step {begin} of {p.steps}"
+        run.logger.info(message)
+        print(message, flush=True)
     t1 = time.time()
     history = fit_processes(task, p.train_config(), data, len(data), ckpt, workers=p.workers, resume=p.resume,
                             progress=progress, on_log=lambda step, rec: run.logger.info(
@@ -342,8 +363,8 @@ def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResu
     from .weights import save_model
 
     t0 = time.time()
-    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir)
-    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, p.max_pixels)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
     _seed_all(p.seed)
     model = StageA(STAGE_A_SIZES[p.size])
     task = StageATask(model, l1_weight=p.l1_weight, reset_every=p.reset_every,
@@ -402,8 +423,8 @@ def train_stage_b(p: StageBParams, run: Run, progress: bool = True) -> PhaseResu
     t0 = time.time()
     stage_a = freeze(load_stage("a", p.profile))
     text = TextCache(text_encoder(p.profile))
-    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir)
-    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, p.max_pixels)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
     _seed_all(p.seed)
     comp_cfg: SemanticCompressorConfig = dataclasses.replace(SEMANTIC_SIZES[p.compressor], image_size=p.sc_size)
     if comp_cfg.backbone == "tiny" and p.compressor_stages:
@@ -465,8 +486,8 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     text = TextCache(text_encoder(p.profile, p.text_layer))
     b_params = __import__("json").loads((b_run.dir / "config.json").read_text())
     sc_size = int(b_params["sc_size"])
-    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir)
-    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress)
+    train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, p.max_pixels)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
     # unit-variance statistics of the frozen compressor's latents ("std" scaling)
     f = _batched(lambda x: compressor(preprocess(x, sc_size)), train.head(512))
     mean, std = f.mean().item(), f.std().item()

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 from pathlib import Path
@@ -93,7 +94,8 @@ class Pipeline:
     latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
     ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
     was trained (paper §3.1: 1024 -> 768); None: the compressor's own ``encode`` rule (``config.image_size``).
-    ``autocast`` (default: on for CUDA): run the networks in bf16 autocast; the sampler stays in float32.
+    ``autocast`` (default: on for CUDA and for bfloat16 networks): run the networks in bf16 autocast; the sampler
+    stays in float32. Networks in float16 are refused (``weights.FLOAT16_REFUSED``): use bfloat16 or float32.
     """
 
     def __init__(self, stage_c: nn.Module, stage_b: nn.Module, stage_a: nn.Module,
@@ -115,6 +117,7 @@ class Pipeline:
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
         self.compressor_size = compressor_size
         self.autocast = autocast
+        self._check_dtypes()
         for m in self._modules():
             m.eval()
 
@@ -137,8 +140,9 @@ class Pipeline:
         open_clip checkpoint; ours: ``text_encoder/`` serves both stages) unless passed; without them, pass text
         embeddings to the pipeline. ``settings`` override ``pipeline.json`` (``stage_c_scaling``, ``autocast`` ...).
         """
-        from .weights import CheckpointError, load_model
+        from .weights import CheckpointError, check_dtype, load_model
 
+        dtype = check_dtype(dtype)
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
@@ -208,13 +212,38 @@ class Pipeline:
         p = next((q for m in self._modules() for q in m.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 
-    def to(self, device: torch.device | str) -> "Pipeline":
-        for m in self._modules():
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """Move every module to ``device``; ``dtype`` (bfloat16 or float32; also ``pipe.to(torch.bfloat16)``) casts
+        the networks, not the text encoders. float16 is refused (NaNs, black images)."""
+        from .weights import check_dtype
+
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        dtype = check_dtype(dtype)
+        for m in self._modules() if device is not None else []:
             m.to(device)
+        for m in self._networks() if dtype is not None else []:
+            m.to(dtype=dtype)
         return self
 
+    def _networks(self) -> list[nn.Module]:
+        parts = [self.stage_c, self.stage_b, self.stage_a, self.semantic_compressor]
+        return [m for m in parts if isinstance(m, nn.Module)]
+
+    def _network_dtypes(self) -> set[torch.dtype]:
+        return {q.dtype for m in self._networks() for q in m.parameters() if q.is_floating_point()}
+
+    def _check_dtypes(self) -> None:
+        from .weights import FLOAT16_REFUSED
+
+        if torch.float16 in self._network_dtypes():
+            raise ValueError(f"this pipeline's networks are float16: {FLOAT16_REFUSED}")
+
     def _amp(self) -> contextlib.AbstractContextManager:
-        use = self.device.type == "cuda" if self.autocast is None else self.autocast
+        # bfloat16 networks take the sampler's float32 inputs only under autocast
+        default = self.device.type == "cuda" or torch.bfloat16 in self._network_dtypes()
+        use = default if self.autocast is None else self.autocast
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else contextlib.nullcontext()
 
     def _denoiser(self, model: nn.Module) -> Callable[..., Tensor]:
@@ -368,15 +397,20 @@ class Pipeline:
             if len(negatives) != 1:
                 raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts: pass one or one per prompt")
             negatives = negatives * batch
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        for name, steps in (("prior_steps", prior_steps), ("decoder_steps", decoder_steps)):
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-                raise ValueError(f"{name} must be a positive int, got {steps!r}")
+        check_sampling_args(height=height, width=width, prior_steps=prior_steps, decoder_steps=decoder_steps,
+                            prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                            num_images_per_prompt=num_images_per_prompt)
         for timesteps in (prior_timesteps, decoder_timesteps):
             if timesteps is not None:
                 make_timesteps(timesteps)  # validate before any work
+        self._check_dtypes()
         n = num_images_per_prompt
+        # sizes and memory before any sampling: a size Stage B cannot take would otherwise fail after Stage C
+        configs = {s: getattr(m, "config", None) for s, m in (("c", self.stage_c), ("b", self.stage_b),
+                                                               ("a", self.stage_a))}
+        plan = plan_sizes(height, width, configs, self.resolution_multiple, self.latent_dim_scale)
+        check_memory(estimate_memory(plan, configs, batch * n, prior_guidance, decoder_guidance), self.device,
+                     f"{height} x {width} px, {batch * n} image(s)")
 
         c_text, c_neg = self._text_pair("prior", prompts, negatives, prior_text_embeds, prior_negative_text_embeds,
                                         batch, prior_guidance)
@@ -552,18 +586,263 @@ def _load_open_clip_text(folder: Path, device: str | torch.device) -> Any:
     return TextEncoder.from_open_clip(name, folder / "model.safetensors", device=device)
 
 
+# ------------------------------------------------------------------ checks before sampling (issue 18)
+MAX_STEPS = 1000        # per stage; the released schedules use 60 and 12, and a step costs one network call
+MEMORY_FRACTION = 0.85  # of the available memory a run may plan to use: the estimate is rough, the rest is margin
+TEXT_TOKENS = 77        # CLIP's context: the keys/values every attention block adds
+
+
+def check_sampling_args(*, height: Any = None, width: Any = None, prior_steps: Any = None, decoder_steps: Any = None,
+                        prior_guidance: Any = None, decoder_guidance: Any = None, num_images_per_prompt: Any = None,
+                        seed: Any = None) -> None:
+    """Raise ``ValueError`` for an argument out of its domain (the ones passed; None is not checked)."""
+    def integer(name: str, value: Any) -> None:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+
+    for name, value in (("height", height), ("width", width), ("num_images_per_prompt", num_images_per_prompt)):
+        if value is not None:
+            integer(name, value)
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("prior_steps", prior_steps), ("decoder_steps", decoder_steps)):
+        if value is not None:
+            integer(name, value)
+            if not 1 <= value <= MAX_STEPS:
+                raise ValueError(f"{name} must be between 1 and {MAX_STEPS}, got {value}")
+    for name, value in (("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if seed is not None:
+        integer("seed", seed)
+        if not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    """The latent and image sizes of one request: Stage C, Stage B (Stage A's latents) and the output image."""
+
+    stage_c: tuple[int, int]
+    stage_b: tuple[int, int]
+    image: tuple[int, int]
+
+
+def plan_sizes(height: int, width: int, configs: dict[str, Any], resolution_multiple: float = RESOLUTION_MULTIPLE,
+               latent_dim_scale: float = LATENT_DIM_SCALE, exact: bool = False) -> SizePlan:
+    """The sizes ``__call__`` samples at for ``height`` x ``width`` (``configs``: the "b" and "a" networks' configs,
+    for Stage B's size multiple and Stage A's upscale). Raises ``ValueError``, naming the nearest sizes that work,
+    where Stage B cannot take the latent or, with ``exact``, where the image would not come out at the size asked."""
+    b_multiple = getattr(configs.get("b"), "downscale", 1)
+    upscale = getattr(configs.get("a"), "downscale", 4)
+    c_size = stage_c_size(height, width, resolution_multiple)
+    b_size = stage_b_size(c_size, latent_dim_scale)
+    image = (b_size[0] * upscale, b_size[1] * upscale)
+    for name, side, b, out in (("height", height, b_size[0], image[0]), ("width", width, b_size[1], image[1])):
+        if b % b_multiple == 0 and (out == side or not exact):
+            continue
+        below, above = _sides_that_work(side, resolution_multiple, latent_dim_scale, b_multiple, upscale)
+        nearby = " or ".join(str(x) for x in (below, above) if x) or "none"
+        why = (f"comes out as {out} px with these networks" if b % b_multiple == 0 else
+               f"gives a {b}-pixel Stage B latent, not a multiple of {b_multiple} as this Stage B needs")
+        raise ValueError(f"{name} {side} px {why}; sizes that work nearby: {nearby}")
+    return SizePlan(c_size, b_size, image)
+
+
+def _sides_that_work(side: int, resolution_multiple: float, latent_dim_scale: float, b_multiple: int,
+                     upscale: int) -> tuple[int | None, int | None]:
+    """The nearest image sides at or below and above ``side`` that Stage B takes and that come out as asked."""
+    below = None
+    for c in range(1, math.ceil(side / resolution_multiple) + 64 * b_multiple):
+        b = int(c * latent_dim_scale)
+        out = b * upscale
+        # out must map back onto this Stage C size, else asking for it gives another image size
+        if b < 1 or b % b_multiple or math.ceil(out / resolution_multiple) != c:
+            continue
+        if out > side:
+            return below, out
+        below = out
+    return below, None
+
+
+def estimate_memory(plan: SizePlan, configs: dict[str, Any], batch: int, prior_guidance: float,
+                    decoder_guidance: float) -> int:
+    """Bytes of float32 activations at the peak of one ``__call__`` (the stages run one after another, so the
+    largest stage). Per pixel of a ConvNeXt block: 16 x its width (the 4x inverted bottleneck keeps about four
+    such tensors alive); attention: q, k, v, out over the pixels + 77 text tokens (``scaled_dot_product_attention``
+    kernels do not keep the full score matrix). Deliberately generous; networks without a config are skipped."""
+    peaks = [2 * batch * 3 * plan.image[0] * plan.image[1]]  # the output image and its clamped copy
+    c = configs.get("c")
+    if all(hasattr(c, f) for f in ("c", "c_cond")):
+        n = plan.stage_c[0] * plan.stage_c[1]
+        peaks.append(batch * (2 if prior_guidance > 1 else 1) * (16 * n * c.c + 4 * (n + TEXT_TOKENS) * c.c))
+    b = configs.get("b")
+    if all(hasattr(b, f) for f in ("c_hidden", "patch_size", "c_cond")):
+        worst = skips = 0
+        for i, width in enumerate(b.c_hidden):
+            f = b.patch_size * 2 ** i
+            n = max(1, plan.stage_b[0] // f) * max(1, plan.stage_b[1] // f)
+            worst = max(worst, n * (16 * width + 2 * b.c_cond) + 4 * (n + TEXT_TOKENS) * width)
+            skips += n * width  # the U-Net keeps every level's output for the up path
+        peaks.append(batch * (2 if decoder_guidance > 1 else 1) * (worst + skips))
+    a = configs.get("a")
+    if all(hasattr(a, f) for f in ("c_hidden", "levels")):
+        # the decoder's levels: c_hidden at the latent size, halving the width per doubling of the side
+        peaks.append(batch * max(12 * (a.c_hidden // 2 ** j) * plan.stage_b[0] * plan.stage_b[1] * 4 ** j
+                                 for j in range(a.levels)))
+    return 4 * max(peaks)
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Free bytes on ``device``: the GPU's free memory, or the machine's MemAvailable (psutil, else /proc/meminfo);
+    None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        import psutil
+
+        free = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024  # the file says kB and means KiB
+        except (OSError, ValueError, IndexError):
+            pass
+    # in a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) does not show
+    room = _cgroup_headroom()
+    return room if free is None or (room is not None and room < free) else free
+
+
+def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process's memory cgroup may still take (its limit minus what it holds, page cache that can be
+    dropped excepted); None without a limit. cgroup v2 (``memory.max``), else v1 (``memory/memory.limit_in_bytes``)."""
+    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                       "memory/memory.stat", "total_inactive_file")):
+        try:
+            text = (root / limit).read_text().strip()
+            if text == "max" or int(text) >= 2 ** 60:  # v1 writes "no limit" as a huge number
+                return None
+            used = int((root / usage).read_text())
+            fields = dict(line.split() for line in (root / stat).read_text().splitlines() if line.count(" ") == 1)
+            return max(0, int(text) - used + int(fields.get(cache, 0)))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_memory(needed: int, device: str | torch.device, what: str) -> None:
+    """Raise ``ValueError`` (one line: the estimate and the limit) when ``needed`` bytes exceed the share of the
+    available memory a run may use; an unreadable amount is not checked."""
+    free = available_memory(device)
+    if free is None:
+        return
+    limit = int(free * MEMORY_FRACTION)
+    if needed > limit:
+        raise ValueError(f"{what}: needs about {_size(needed)} of memory (estimate), more than the {_size(limit)} a "
+                          f"run may use ({MEMORY_FRACTION:.0%} of the {_size(free)} available on "
+                          f"{torch.device(device).type}); ask for a smaller image or fewer images")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_output(out: Path) -> None:
+    """Refuse an output path that saving would reject, before any work: not an image suffix PIL writes, a folder,
+    or a place that cannot be written."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise IsADirectoryError(f"output {out} is a folder; give a file name such as {out / 'image.png'}")
+    Image.init()
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"output {out}: unknown image suffix {out.suffix!r}; use .png or .jpg")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the folder that will hold the new ones
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {out}: cannot write into {parent}")
+
+
+def _stored_configs(root: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Before loading: each network's config where its checkpoint stores one (``weights.read_config``), the
+    settings of ``pipeline.json`` and the bytes of the weight files (what loading will take, in float32 files)."""
+    from .weights import read_config
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
+    found = _locate_networks(root)
+    configs = {}
+    for stage, path in found.items():
+        if stage in ("a", "b", "c"):
+            got = read_config(path, stage)
+            configs[stage] = got[1] if got else None
+    settings = {}
+    if (root / "pipeline.json").is_file():
+        try:
+            settings = json.loads((root / "pipeline.json").read_text())
+        except ValueError as e:
+            raise ValueError(f"{root / 'pipeline.json'}: not JSON ({e})") from e
+    files: set[Path] = set()
+    for p in list(found.values()) + [root / n for n in ("text_encoder", "prior_text_encoder", "decoder_text_encoder")]:
+        if p.is_file():
+            files.add(p)
+        elif p.is_dir():
+            files.update(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    return configs, settings, sum(f.stat().st_size for f in files)
+
+
 def generate(prompt: str | Sequence[str], weights_dir: str | os.PathLike, seed: int = 0,
              out: str | os.PathLike = "image.png", *, device: str | torch.device | None = None,
-             progress: bool = True, **kwargs: Any) -> Path:
+             dtype: torch.dtype | str | None = None, progress: bool = True, **kwargs: Any) -> Path:
     """``wurst generate``: load ``weights_dir`` (``Pipeline.from_pretrained``), sample with a CPU generator seeded
     with ``seed`` (same image on CPU and GPU, same as diffusers for the same weights) and save a PNG (a grid for
-    several images). ``kwargs`` go to ``Pipeline.__call__`` (height, width, prior_steps, ...)."""
+    several images). ``kwargs`` go to ``Pipeline.__call__`` (height, width, prior_steps, ...). ``dtype``: the
+    networks' (bfloat16 or float32; float16 is refused).
+
+    Everything that can be checked without the weights is checked before loading them: the numbers, the output
+    path, the sizes (exactly as asked: a size the networks would round is refused with the nearest that work) and
+    the memory estimate (configs read from the checkpoints where they are stored, plus the weight files' size)."""
+    import inspect
+
     from torchvision.utils import save_image
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_pretrained(weights_dir, device=device)
-    images = pipe(prompt, generator=torch.Generator().manual_seed(seed), progress=progress, **kwargs)
+    from .weights import check_dtype
+
+    dtype = check_dtype(dtype)
+    accepted = set(inspect.signature(Pipeline.__call__).parameters) - {"self", "generator", "prompts"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {unknown} (the generator comes from seed)")
+    check_sampling_args(seed=seed, **{k: v for k, v in kwargs.items() if k in (
+        "height", "width", "prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance",
+        "num_images_per_prompt")})
     out = Path(out)
+    _check_output(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    configs, settings, weight_bytes = _stored_configs(Path(weights_dir))
+    height, width = kwargs.get("height", 1024), kwargs.get("width", 1024)
+    plan = plan_sizes(height, width, configs, settings.get("resolution_multiple", RESOLUTION_MULTIPLE),
+                      settings.get("latent_dim_scale", LATENT_DIM_SCALE), exact=True)
+    batch = (1 if isinstance(prompt, str) else len(prompt)) * kwargs.get("num_images_per_prompt", 1)
+    guidance = [kwargs.get(k) if kwargs.get(k) is not None else settings.get(k, default)
+                for k, default in (("prior_guidance", 4.0), ("decoder_guidance", 0.0))]
+    check_memory(weight_bytes + estimate_memory(plan, configs, batch, *guidance), device,
+                 f"{height} x {width} px, {batch} image(s) (weights {_size(weight_bytes)})")
+    pipe = Pipeline.from_pretrained(weights_dir, device=device, dtype=dtype)
+    images = pipe(prompt, generator=torch.Generator().manual_seed(seed), progress=progress, **kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, out, nrow=max(1, math.ceil(math.sqrt(images.shape[0]))))
     return out
@@ -575,20 +854,20 @@ def generate(prompt: str | Sequence[str], weights_dir: str | os.PathLike, seed: 
 class SamplingParams:
     """Parameters of ``notebooks/06_sampling.ipynb``; 0 / "" take the profile's value."""
 
-    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    profile: str = notebook.choice("tiny", *notebook.PROFILES)
     weights_dir: str = ""          # Pipeline.from_pretrained folder ("": latest 05_stage_c run, else random weights)
-    size: int = 0                  # image height = width in px (0: the training resolution; random/paper: 128/1024)
-    prior_steps: int = 0           # tau_C (paper: 60)
-    decoder_steps: int = 0         # tau_B (paper: 12)
-    prior_guidance: float | None = None  # Stage C guidance (paper and release: 4; None: the pipeline's own)
-    decoder_guidance: float | None = None  # Stage B guidance (paper: 4, release: 0; None: the pipeline's own)
-    n_prompts: int = 0
-    n_seeds: int = 0
-    guidances: str = ""            # comma-separated Stage C guidance scales of the sweep
-    step_counts: str = ""          # comma-separated Stage C step counts of the sweep
-    n_reconstruct: int = 0         # held-out images through the reconstruction path
-    strengths: str = ""            # comma-separated resampling strengths (Pipeline.resample) of the held-out images
-    seed: int = 0
+    size: int = notebook.param(0, ge=0, le=4096)  # image side in px, square (0: the training resolution)
+    prior_steps: int = notebook.param(0, ge=1, le=1000)    # tau_C (paper: 60)
+    decoder_steps: int = notebook.param(0, ge=1, le=1000)  # tau_B (paper: 12)
+    prior_guidance: float | None = notebook.param(None, ge=0)    # Stage C guidance (None: the pipeline's own)
+    decoder_guidance: float | None = notebook.param(None, ge=0)  # Stage B guidance (None: the pipeline's own)
+    n_prompts: int = notebook.param(0, ge=1, le=64)
+    n_seeds: int = notebook.param(0, ge=1, le=64)
+    guidances: str = notebook.param("", items=notebook.Domain(0, None))  # Stage C guidance scales of the sweep
+    step_counts: str = notebook.param("", items=notebook.Domain(1, 1000))  # Stage C step counts of the sweep
+    n_reconstruct: int = notebook.param(0, ge=1, le=64)  # held-out images through the reconstruction path
+    strengths: str = notebook.param("", items=notebook.Domain(0, 1, lo_open=True))  # Pipeline.resample strengths
+    seed: int = notebook.param(0, ge=0)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:

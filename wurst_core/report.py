@@ -14,18 +14,8 @@ from typing import Any
 import pandas as pd
 
 from . import paths
+from .registry import NOTEBOOKS, notebooks as all_notebooks
 from .runs import Run, latest_run
-
-TITLES = {
-    "00_data": "Data: procedural, emoji and folder datasets",
-    "01_text_encoder": "Text encoder: tiny CLIP trained contrastively",
-    "02_architecture": "Architecture: parameters, FLOPs, latent shapes",
-    "03_stage_a": "Stage A: f4 VQGAN",
-    "04_stage_b": "Stage B: latent decoder with the Semantic Compressor",
-    "05_stage_c": "Stage C: text-conditional prior at 42:1",
-    "06_sampling": "Sampling: the three-stage pipeline",
-    "07_evaluation": "Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
-}
 
 
 def save_table(run: Run, name: str, df: pd.DataFrame, index: bool = False) -> Path:
@@ -55,7 +45,6 @@ def _fmt(v: Any) -> str:
 
 
 def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> Path:
-    from .reproduce import notebooks as all_notebooks
 
     out = paths.reports_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +58,7 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
     ]
     for name in notebooks or all_notebooks():
         run = latest_run(name, profile)
-        lines += [f"## {TITLES.get(name, name)}", ""]
+        lines += [f"## {NOTEBOOKS[name].title if name in NOTEBOOKS else name}", ""]
         if run is None:
             lines += [f"_No `{profile}` run of `notebooks/{name}.ipynb` yet._", ""]
             continue

@@ -66,24 +66,60 @@ def new_run_id() -> str:
     return os.environ.get("WURST_RUN_ID") or time.strftime("%Y%m%d-%H%M%S")
 
 
+# Settings a resumed run may change: they leave the maths of the finished weights alone (only the step count grows).
+RESUMABLE_CHANGES = frozenset({"resume", "steps", "workers", "diverge_factor"})
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked (none to resume, or other hyper-parameters)."""
+
+
+def config_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The settings of ``config`` that differ from the ``recorded`` ones in a way a resume may not change."""
+    out = [f"{k}: {recorded.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(recorded) | set(config))
+           if k not in RESUMABLE_CHANGES and recorded.get(k) != config.get(k)]
+    if isinstance(recorded.get("steps"), int) and isinstance(config.get("steps"), int) \
+            and config["steps"] < recorded["steps"]:
+        out.append(f"steps: {recorded['steps']} -> {config['steps']} (a resumed run may only train longer)")
+    return out
+
+
+def resumable_run_id(notebook: str, profile: str) -> str:
+    """The newest run folder of a notebook on a profile (finished or killed): the one ``resume`` continues."""
+    base = paths.runs_dir() / notebook / profile
+    previous = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+    if not previous:
+        raise ResumeError(f"nothing to resume: no earlier run of {notebook} on profile {profile!r} in {base}")
+    return previous[-1]
+
+
 def start_run(notebook: str, profile: str, config: Any = None, run_id: str | None = None, resume: bool = False) -> Run:
     """Create the run folder and write the resolved ``config.json``.
 
-    ``resume=True`` re-uses the most recent folder of this notebook and profile (finished or killed), so that
-    training continues from the checkpoints it holds.
+    ``resume=True`` re-uses a run folder (``run_id``, else ``WURST_RUN_ID`` as set by the runner, else the newest
+    of this notebook and profile), so that training continues from the checkpoints it holds. Its recorded
+    ``config.json`` is never rewritten: a resume with other hyper-parameters is refused (only ``steps`` may grow).
     """
     if resume and run_id is None:
-        base = paths.runs_dir() / notebook / profile
-        previous = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
-        run_id = previous[-1] if previous else None
+        run_id = os.environ.get("WURST_RUN_ID") or resumable_run_id(notebook, profile)
     run_id = run_id or new_run_id()
     d = paths.runs_dir() / notebook / profile / run_id
-    d.mkdir(parents=True, exist_ok=True)
-    run = Run(notebook=notebook, profile=profile, run_id=run_id, dir=d)
+    cfg = None
     if config is not None:
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        write_json(d / "config.json", cfg)
-    run.logger.info("run started: %s", d)
+    recorded = d / "config.json"
+    if resume and recorded.exists():
+        if cfg is not None:
+            changed = config_differences(json.loads(recorded.read_text()), cfg)
+            if changed:
+                raise ResumeError(f"cannot resume {d} with other hyper-parameters ({'; '.join(changed)}); "
+                                  "start a new run instead (resume=False)")
+        cfg = None  # the folder keeps the configuration its weights were made with
+    d.mkdir(parents=True, exist_ok=True)
+    run = Run(notebook=notebook, profile=profile, run_id=run_id, dir=d)
+    if cfg is not None:
+        write_json(recorded, cfg)
+    run.logger.info("run %s: %s", "resumed" if resume else "started", d)
     return run
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import paths
 from .io import save_model_checkpoint, write_json
+from .notebook import PROFILES, choice, param
 
 CONTEXT_LENGTH = 77
 SOT_ID, EOT_ID = 49406, 49407  # <|startoftext|>, <|endoftext|> of the CLIP BPE (open_clip and HF agree)
@@ -814,29 +815,29 @@ def get_or_train_tiny_text_encoder(profile: str, layer: Layer = "last", progress
 
 @dataclass(frozen=True)
 class NotebookParams:
-    """Parameters of notebooks/01_text_encoder.ipynb (0 / 0.0: the profile's value in ``CLIP_TRAINING``)."""
+    """Parameters of notebooks/01_text_encoder.ipynb (0 / -1: the profile's value in ``CLIP_TRAINING``)."""
 
-    profile: str = "tiny"
-    seed: int = 0
-    steps: int = 0
-    batch_size: int = 0
-    lr: float = 0.0
-    pool: int = 0
-    eval_size: int = 0
+    profile: str = choice("tiny", *PROFILES)
+    seed: int = param(0, ge=0)
+    steps: int = param(0, ge=1)
+    batch_size: int = param(0, ge=2)        # a contrastive batch needs negatives
+    lr: float = param(0.0, gt=0, le=1)
+    pool: int = param(0, ge=1)
+    eval_size: int = param(0, ge=2)
     install: bool = True  # also save as the profile's shared text encoder (used by Stages B and C)
-    twins: float = -1.0   # fraction of each batch that are hard-negative twins (-1: the profile's value)
-    filip: float = -1.0   # weight of the token-wise (FILIP) term (-1: the profile's value; 0: plain CLIP)
+    twins: float = param(-1.0, ge=0, le=0.5, unset=-1.0)  # fraction of each batch that are hard-negative twins
+    filip: float = param(-1.0, ge=0, unset=-1.0)          # weight of the token-wise (FILIP) term; 0: plain CLIP
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
         t = CLIP_TRAINING[profile]
-        return {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "pool": t.pool, "eval_size": t.eval_size}
+        return {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "pool": t.pool, "eval_size": t.eval_size,
+                "twins": t.twins, "filip": t.filip}
 
     def training(self) -> ClipTraining:
-        base = CLIP_TRAINING[self.profile]
-        return dataclasses.replace(base, steps=self.steps, batch_size=self.batch_size, lr=self.lr, pool=self.pool,
-                                   eval_size=self.eval_size, twins=base.twins if self.twins < 0 else self.twins,
-                                   filip=base.filip if self.filip < 0 else self.filip)
+        return dataclasses.replace(CLIP_TRAINING[self.profile], steps=self.steps, batch_size=self.batch_size,
+                                   lr=self.lr, pool=self.pool, eval_size=self.eval_size, twins=self.twins,
+                                   filip=self.filip)
 
 
 def char_tokenizer(context_length: int = CONTEXT_LENGTH) -> Any:

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,7 +35,11 @@ from .io import save_torch, write_json
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss became NaN or inf, or blew up; the last good checkpoint is kept."""
+
+
+class ResumeMismatch(ValueError):
+    """A resumed run was asked for other hyper-parameters than its checkpoint was trained with."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"           # "auto": bf16 autocast on CUDA, float32 on CPU | "fp32" | "bf16"
     strategy: str = "ddp"             # several processes: "ddp" (replicated) | "fsdp" (FSDP2 sharding, paper sizes)
+    diverge_factor: float = 100.0     # stop when the smoothed loss rises this many times above its best (0: never)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -71,6 +77,48 @@ class TrainConfig:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.diverge_factor and not self.diverge_factor > 1:
+            raise ValueError(f"diverge_factor must be > 1 (or 0: never stop), got {self.diverge_factor}")
+
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """What differs from a ``recorded`` config (a checkpoint's), except a grown step count and settings that
+        do not change the result's maths (logging, checkpointing, divergence threshold)."""
+        free = {"steps", "ckpt_every", "log_every", "diverge_factor", "strategy"}
+        now = dataclasses.asdict(self)
+        out = [f"{k}: {recorded[k]!r} -> {now[k]!r}" for k in now
+               if k in recorded and k not in free and _plain(recorded[k]) != _plain(now[k])]
+        if "steps" in recorded and self.steps < recorded["steps"]:
+            out.append(f"steps: {recorded['steps']!r} -> {self.steps!r} (only a larger step count can resume)")
+        return out
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+class DivergenceGuard:
+    """Stops training on a non-finite loss, or on a finite blow-up: an EMA of the loss rising ``factor`` times above
+    the lowest it reached (after a short burn-in, so that the first noisy steps set no record)."""
+
+    def __init__(self, factor: float, beta: float = 0.9, burn_in: int = 10):
+        self.factor, self.beta, self.burn_in = factor, beta, burn_in
+        self.smooth: float | None = None
+        self.best = math.inf
+        self.seen = 0
+
+    def __call__(self, loss: float, step: int) -> str | None:
+        """A message if ``loss`` at ``step`` means divergence, else None."""
+        if not math.isfinite(loss):
+            return f"loss is {loss} at step {step}"
+        self.smooth = loss if self.smooth is None else self.beta * self.smooth + (1 - self.beta) * loss
+        self.seen += 1
+        if self.seen < self.burn_in or not self.factor:
+            return None
+        if self.best > 0 and self.smooth > self.factor * self.best:
+            return (f"the loss diverged at step {step}: its running mean {self.smooth:.4g} is over {self.factor:g} "
+                    f"times its best {self.best:.4g} (diverge_factor)")
+        self.best = min(self.best, self.smooth)
+        return None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -199,7 +247,12 @@ def _world() -> tuple[int, int]:
 
 
 def load_training_state(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A training checkpoint; tensors and plain values only (a pickled object is refused, never executed)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a training checkpoint of this workbench: it holds pickled objects, "
+                         "which are refused for safety") from None
 
 
 def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict[str, Any]], n_data: int,
@@ -226,12 +279,17 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(task)
     history: list[dict[str, float]] = []
+    guard = DivergenceGuard(cfg.diverge_factor)
     start = 0
     if resume and state_path.exists():
         state = load_training_state(state_path)
+        changed = cfg.differences(state.get("config", {}))
+        if changed:
+            raise ResumeMismatch(f"cannot resume {state_path} with other hyper-parameters: " + "; ".join(changed))
         _load_full_state(task, opt, state, fsdp)
         ema.load_state_dict(state["ema"])
         history = list(state.get("history", []))
+        guard.__dict__.update(state.get("guard", {}))  # the resumed run keeps the running mean and its record
         start = int(state["step"])
     model: nn.Module = task
     if world > 1 and not fsdp:
@@ -242,7 +300,8 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
         ema_state = ema.state_dict()
         if rank == 0:
             save_torch(state_path, {"model": model_state, "ema": ema_state, "optimizer": optim_state,
-                                    "step": step, "history": history, "config": dataclasses.asdict(cfg)})
+                                    "step": step, "history": history, "config": dataclasses.asdict(cfg),
+                                    "guard": {"smooth": guard.smooth, "best": guard.best, "seen": guard.seen}})
 
     micro = cfg.batch_size // cfg.grad_accum
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
@@ -256,6 +315,7 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
         gens = sample_generators(cfg.seed, step, list(range(cfg.batch_size)))
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
+        step_loss = 0.0
         for m in range(cfg.grad_accum):
             sl = slice(m * micro, (m + 1) * micro)
             local = list(range(sl.start, sl.stop))[rank::world]  # this rank's rows of this micro-batch
@@ -263,10 +323,10 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
             with _autocast(cfg, device):
                 loss, parts = model(batch, [gens[i] for i in local])
             if not torch.isfinite(loss).all():
-                last = f"step {load_training_state(state_path)['step']} in {state_path}" if state_path.exists() else "none written yet"
-                raise TrainingDiverged(f"loss is {loss.item()} at step {step}; stopped. Last good checkpoint: {last}")
+                _diverged(f"loss is {loss.item()} at step {step}", state_path)
             # the per-rank mean over its rows, weighted so that DDP's gradient average equals the global-batch mean
             (loss * len(local) * world / cfg.batch_size).backward()
+            step_loss += loss.item() / cfg.grad_accum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -278,6 +338,9 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
         elif step + 1 < cfg.ema_start:
             ema.update(task, 0.0)  # official: the EMA copies the weights until ema_start
         n_seen += cfg.batch_size
+        problem = guard(step_loss, step + 1)
+        if problem:
+            _diverged(problem, state_path)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             if world > 1:  # the logged values of the global batch, not of rank 0's rows
                 keys = sorted(logs)
@@ -296,6 +359,11 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     if world > 1:
         dist.barrier()
     return pd.DataFrame(history)
+
+
+def _diverged(problem: str, state_path: Path) -> None:
+    last = f"step {load_training_state(state_path)['step']} in {state_path}" if state_path.exists() else "none written yet"
+    raise TrainingDiverged(f"{problem}; stopped. Last good checkpoint: {last}")
 
 
 def ema_copy(task: nn.Module, state_path: str | os.PathLike) -> nn.Module:
@@ -373,8 +441,8 @@ def fit_processes(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[i
                     on_log(step, rec)
             elif kind == "error":
                 error_type, message = rest
-                raise (TrainingDiverged if error_type == "TrainingDiverged" else RuntimeError)(
-                    f"rank {rank}: {message}")
+                known = {"TrainingDiverged": TrainingDiverged, "ResumeMismatch": ResumeMismatch}
+                raise known.get(error_type, RuntimeError)(f"rank {rank}: {message}")
             else:
                 done.add(rank)
     finally:

@@ -17,8 +17,10 @@
 Configs are read from the checkpoint where it stores them (diffusers, ours) and otherwise inferred from the
 tensor shapes (the number of attention heads, which shapes cannot tell, comes from the size registry, else
 width / 64 as in every released model); pass ``config=`` to override. A checkpoint that does not fit the network
-raises ``CheckpointError`` listing the missing, unexpected and mis-shaped keys: there is no partial load.
-Pickles are read with ``torch.load(weights_only=True)``.
+raises ``CheckpointError`` listing the missing, unexpected and mis-shaped keys: there is no partial load. Where the
+inferred architecture misfits (a damaged tensor among those it is read from), the registry's sizes are tried too
+and the error names the keys that do not fit the closest one. Pickles are read with ``torch.load(weights_only=True)``
+(``io.load_torch``); one holding other objects is refused. float16 is refused (``FLOAT16_REFUSED``).
 """
 from __future__ import annotations
 
@@ -70,16 +72,63 @@ def load_model(path: str | os.PathLike, stage: str | None = None, *, device: str
     """
     if stage is not None and stage not in NETWORKS:
         raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(NETWORKS)}")
+    dtype = check_dtype(dtype)
     local = Path(path)
     if not local.exists():
         local = _from_hub(str(path), stage)
     found_stage, sd, stored_config = _read_checkpoint(local, stage)
-    if config is None:
-        config = stored_config if stored_config is not None else infer_config(found_stage, sd)
+    if config is not None:
+        model = _instantiate(found_stage, get_config(found_stage, config), sd, source=str(path))
+    elif stored_config is not None:
+        model = _instantiate(found_stage, stored_config, sd, source=str(path))
     else:
-        config = get_config(found_stage, config)
-    model = _instantiate(found_stage, config, sd, source=str(path))
+        model = _instantiate_inferred(found_stage, sd, source=str(path))
     return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+FLOAT16_REFUSED = ("float16 is refused: Würstchen's activations can exceed float16's range (max 65504), which gives "
+                   "inf/NaN and black images; use bfloat16 (half the memory of float32, with float32's range) or "
+                   "float32")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def check_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A floating torch dtype or its name ("float32", "bfloat16", "torch.bfloat16") -> the torch dtype; None stays
+    None. float16 raises ``ValueError`` (``FLOAT16_REFUSED``)."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use bfloat16 or float32")
+        dtype = _DTYPE_NAMES[name]
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (bfloat16 or float32), got {dtype!r}")
+    if dtype == torch.float16:
+        raise ValueError(FLOAT16_REFUSED)
+    return dtype
+
+
+def read_config(path: str | os.PathLike, stage: str | None = None) -> tuple[str, Any] | None:
+    """(stage, config) of a checkpoint that stores its config (ours, diffusers), read without its tensors; None
+    for files whose architecture only the tensor shapes tell (released ``.pt``, bare state dicts)."""
+    path = Path(path)
+    if path.is_dir() and (path / "model.json").is_file():
+        return _read_ours_config(path / "model.json", stage)
+    if path.is_dir() and (path / "config.json").is_file():
+        try:
+            values = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from e
+        found, config = config_from_diffusers(values)
+        _check_stage(found, stage, path)
+        return found, config
+    if path.suffix == ".json" and path.is_file():
+        return _read_ours_config(path, stage)
+    if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
+        return _read_ours_config(path.with_suffix(".json"), stage)
+    return None
 
 
 def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -339,15 +388,13 @@ def _read_tensors(path: Path) -> Any:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # old (non-zip) pickles cannot be memory-mapped
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return io.load_torch(path)
+    except io.UnsafePickleError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e} (truncated or corrupt file, or a "
-                              f"pickle with non-tensor objects, which weights_only=True refuses)") from e
+        # never echo a torch message that advises an unrestricted (code-running) load
+        detail = f": {e}" if "weights_only" not in str(e) else ""
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}{detail} (truncated or corrupt file?)") from e
 
 
 def _read_checkpoint(path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
@@ -399,7 +446,7 @@ def _pick_official(obj: dict, stage: str | None, path: Path) -> Tensors:
     raise CheckpointError(f"{path} has no 'state_dict' or 'ema_state_dict' (keys: {sorted(obj)[:10]})")
 
 
-def _read_ours(meta_path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+def _read_ours_config(meta_path: Path, stage: str | None) -> tuple[str, Any]:
     try:
         meta = json.loads(meta_path.read_text())
         found, values = meta["stage"], meta["config"]
@@ -408,10 +455,18 @@ def _read_ours(meta_path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
     if found not in NETWORKS:
         raise CheckpointError(f"{meta_path}: unknown stage {found!r}")
     _check_stage(found, stage, meta_path)
+    try:
+        return found, config_from_dict(found, values)
+    except (TypeError, ValueError) as e:  # a field of the wrong type or an impossible architecture
+        raise CheckpointError(f"{meta_path}: bad config ({e})") from e
+
+
+def _read_ours(meta_path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+    found, config = _read_ours_config(meta_path, stage)
     weights = meta_path.with_suffix(".safetensors")
     if not weights.exists():
         raise CheckpointError(f"{meta_path}: the weights file {weights.name} is missing")
-    return found, _read_tensors(weights), config_from_dict(found, values)
+    return found, _read_tensors(weights), config
 
 
 def _read_diffusers(folder: Path, stage: str | None) -> tuple[str, Tensors, Any]:
@@ -458,6 +513,83 @@ def _instantiate(stage: str, config: Any, sd: Tensors, source: str) -> nn.Module
     check_state_dict(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=meta)
     return model
+
+
+# the text-token width: a registry size trained with another text encoder differs only there
+_TEXT_WIDTH = {"c": ("c_cond", "cond_mapper.0.weight"), "b": ("clip_embd", "clip_mapper.weight")}
+_LISTED = 5  # mismatching keys named in an error; the rest are counted
+
+
+class _Reads(dict):
+    """A state dict that records which keys were read (``infer_config`` reads the architecture off them)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(sd)
+        self.read: list[str] = []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.read:
+            self.read.append(key)
+        return super().__getitem__(key)
+
+
+def _instantiate_inferred(stage: str, sd: Tensors, source: str) -> nn.Module:
+    """Build the network whose architecture the shapes tell. Inference reads a few tensors: when one of those is
+    damaged, the inferred architecture misfits nearly every key, so the sizes of the registry (with the
+    checkpoint's text width) are tried too and the error names the keys that do not fit the closest one."""
+    reads = _Reads(sd)
+    inferred, failure = None, None
+    try:
+        inferred = infer_config(stage, reads)
+        return _instantiate(stage, inferred, sd, source)
+    except CheckpointError as e:
+        failure = e
+    # registry sizes first: on a tie, a known architecture explains the checkpoint better than a bespoke one
+    candidates = _registry_candidates(stage, sd)
+    candidates += [("the architecture inferred from the shapes", inferred)] if inferred is not None else []
+    scored = [(len(lines), i, label, lines) for i, (label, config) in enumerate(candidates)
+              for lines in [_mismatches(stage, config, sd)]]
+    hint = (f"\n  (architecture read off {', '.join(reads.read[:_LISTED])}"
+            f"{f' and {len(reads.read) - _LISTED} more' if len(reads.read) > _LISTED else ''}: if one of them is "
+            f"damaged, correct keys look mis-shaped; pass config= to choose the architecture)")
+    if not scored:
+        raise CheckpointError(str(failure) + hint) from failure
+    bad, best, label, lines = min(scored)
+    # a size that misfits a quarter of the tensors is no diagnosis: report the inferred architecture's misfit
+    if candidates[best][1] == inferred or bad > len(sd) // 4:
+        raise CheckpointError(str(failure) + hint) from failure
+    was = (f"the architecture inferred from the shapes misfits {scored[-1][0]} keys" if inferred is not None
+           else f"no architecture could be inferred from the shapes: {failure}")
+    text = (f"{source} does not fit a {STAGE_NAMES[stage]}; closest architecture: {label} ({was}). Keys that do "
+            f"not fit it ({bad} of {len(sd)}):" + "".join(f"\n    {x}" for x in lines[:_LISTED]))
+    if len(lines) > _LISTED:
+        text += f"\n    ... and {len(lines) - _LISTED} more"
+    raise CheckpointError(text) from None
+
+
+def _registry_candidates(stage: str, sd: Mapping[str, torch.Tensor]) -> list[tuple[str, Any]]:
+    field, key = _TEXT_WIDTH.get(stage, (None, None))
+    width = sd[key].shape[1] if key in sd and sd[key].dim() == 2 else None
+    out = []
+    for name, size in NETWORKS[stage].sizes.items():
+        out.append((f"size {name!r}", size))
+        if width is not None and getattr(size, field) != width:
+            try:
+                out.append((f"size {name!r} with {field}={width}", dataclasses.replace(size, **{field: width})))
+            except ValueError:  # the width does not suit the size's heads
+                pass
+    return out
+
+
+def _mismatches(stage: str, config: Any, sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per key of ``sd`` that the network of ``config`` lacks, misses or shapes otherwise."""
+    with torch.device("meta"):  # shapes only: no memory
+        own = {k: tuple(v.shape) for k, v in NETWORKS[stage].model(config).state_dict().items()}
+    lines = [f"{k}: expected {own[k]}, got {tuple(sd[k].shape)}"
+             for k in own if k in sd and tuple(sd[k].shape) != own[k]]
+    lines += [f"{k}: missing (expected {own[k]})" for k in own if k not in sd]
+    lines += [f"{k}: unexpected {tuple(sd[k].shape)}" for k in sorted(sd, key=_natural) if k not in own]
+    return lines
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:

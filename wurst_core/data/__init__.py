@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 from ..io import atomic_write
+from ..notebook import PROFILES, choice, param
 from . import transforms
 from .emoji import EmojiDataset
 from .folder import (MAX_PIXELS, FolderDataset, check_max_pixels, require_root, split_of, write_demo_folder,
@@ -160,11 +161,11 @@ def images_per_second(dataset: Dataset, n: int = 200) -> float:
 class NotebookParams:
     """Parameters of notebooks/00_data.ipynb."""
 
-    profile: str = "tiny"
-    resolution: int = 0   # 0: the profile's value
-    n_preview: int = 0    # items per preview grid
-    n_stats: int = 0      # scenes for the attribute histograms
-    seed: int = 0
+    profile: str = choice("tiny", *PROFILES)
+    resolution: int = param(0, ge=8, le=4096)   # 0: the profile's value
+    n_preview: int = param(0, ge=1, le=256)     # items per preview grid
+    n_stats: int = param(0, ge=1)               # scenes for the attribute histograms
+    seed: int = param(0, ge=0)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:

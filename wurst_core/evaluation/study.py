@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import notebook, paths
+from ..notebook import param
 from ..runs import Run, latest_run
 from . import generators as gens
 from .image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
@@ -40,27 +41,27 @@ NOISE = "noise"
 class EvaluationParams:
     """Parameters of ``notebooks/07_evaluation.ipynb``; 0 / "" take the profile's value."""
 
-    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    profile: str = notebook.choice("tiny", *notebook.PROFILES)
     dataset: str = notebook.choice("procedural", "procedural", "emoji")
     weights_dir: str = ""           # Pipeline folder to evaluate ("": latest 05_stage_c run, else random weights)
-    n_prompts: int = 0              # held-out prompts, one image per prompt and generator
-    resolution: int = 0             # evaluation image size (0: the trained pipeline's, else 64)
-    sample_size: int = 0            # generation size (0: the pipeline's training size; weights_dir 1024; random 128)
-    prior_steps: int = 0            # tau_C (paper: 60)
-    decoder_steps: int = 0          # tau_B (paper: 12)
-    prior_guidance: float | None = None  # Stage C guidance (paper: 4; None: the pipeline's own, tiny 2)
-    probe_size: str = ""            # PROBE_SIZES key of the probe / feature network
-    probe_images: int = 0           # real training images of the probe (split "train")
-    probe_steps: int = 0            # probe optimiser steps
+    n_prompts: int = param(0, ge=2)                # held-out prompts, one image per prompt and generator
+    resolution: int = param(0, ge=0, le=4096)      # evaluation image size (0: the trained pipeline's, else 64)
+    sample_size: int = param(0, ge=0, le=4096)     # generation size (0: the pipeline's training size)
+    prior_steps: int = param(0, ge=1, le=1000)     # tau_C (paper: 60)
+    decoder_steps: int = param(0, ge=1, le=1000)   # tau_B (paper: 12)
+    prior_guidance: float | None = param(None, ge=0)  # Stage C guidance (paper: 4; None: the pipeline's own)
+    probe_size: str = notebook.choice("", *PROBE_SIZES)  # size of the probe / feature network
+    probe_images: int = param(0, ge=1)             # real training images of the probe (split "train")
+    probe_steps: int = param(0, ge=1)              # probe optimiser steps
     judge_dir: str = ""             # local PickScore_v1 folder (a transformers CLIPModel); "": the tiny judge CLIP
     judge_processor_dir: str = ""   # its processor files (laion CLIP-H tokenizer + preprocessor_config.json)
-    judge_steps: int = 0            # training steps of the tiny judge CLIP
+    judge_steps: int = param(0, ge=1)              # training steps of the tiny judge CLIP
     inception_weights: str = ""     # torch-fidelity Inception weights file: adds the standard FID/KID/IS
-    is_splits: int = 0              # Inception Score splits
-    n_boot: int = 0                 # bootstrap resamples per metric
-    watts: float = 250.0            # device power for the carbon estimate (paper: A100 PCIe, 250 W)
-    kg_per_kwh: float = 0.37        # grid carbon intensity (paper: 0.37, AWS us-east-1)
-    seed: int = 0
+    is_splits: int = param(0, ge=1)                # Inception Score splits
+    n_boot: int = param(0, ge=1)                   # bootstrap resamples per metric
+    watts: float = param(250.0, gt=0)              # device power for the carbon estimate (paper: A100 PCIe, 250 W)
+    kg_per_kwh: float = param(0.37, ge=0)          # grid carbon intensity (paper: 0.37, AWS us-east-1)
+    seed: int = param(0, ge=0)
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:

@@ -1,0 +1,50 @@
+"""The workbench's notebooks in run order: each one's title and the parameter schema its resolving cell builds.
+
+Training runs in reverse order of sampling (paper Fig. 3): Stage A, then B with the compressor, then C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import paths
+
+from .architecture import ArchitectureParams
+from .data import NotebookParams as DataParams
+from .evaluation.study import EvaluationParams
+from .phases import StageAParams, StageBParams, StageCParams
+from .pipeline import SamplingParams
+from .text import NotebookParams as TextEncoderParams
+
+
+@dataclass(frozen=True)
+class Entry:
+    title: str
+    schema: type[Any]
+
+
+NOTEBOOKS: dict[str, Entry] = {
+    "00_data": Entry("Data: procedural, emoji and folder datasets", DataParams),
+    "01_text_encoder": Entry("Text encoder: tiny CLIP trained contrastively", TextEncoderParams),
+    "02_architecture": Entry("Architecture: parameters, FLOPs, latent shapes", ArchitectureParams),
+    "03_stage_a": Entry("Stage A: f4 VQGAN", StageAParams),
+    "04_stage_b": Entry("Stage B: latent decoder with the Semantic Compressor", StageBParams),
+    "05_stage_c": Entry("Stage C: text-conditional prior at 42:1", StageCParams),
+    "06_sampling": Entry("Sampling: the three-stage pipeline", SamplingParams),
+    "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
+                           EvaluationParams),
+}
+
+
+def notebooks() -> list[str]:
+    """The workbench's notebooks in run order (those present on disk)."""
+    present = {p.stem for p in paths.NOTEBOOKS.glob("*.ipynb")}
+    ordered = [n for n in NOTEBOOKS if n in present]
+    return ordered + sorted(present - set(ordered))
+
+
+def schema(name: str) -> type[Any]:
+    """The parameter schema of a notebook; a clear error for an unknown one."""
+    if name not in NOTEBOOKS:
+        raise ValueError(f"no notebook {name!r}; available: {notebooks()}")
+    return NOTEBOOKS[name].schema
