@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from wurst_core import pipeline
-from wurst_core.cli import main
-from wurst_core.notebook import ParameterError
+from wurst_core import generate, pipeline, sizes
+from wurst_core.workbench import cli
+from wurst_core.workbench.cli import main
+from wurst_core.params import ParameterError
 from wurst_core.weights import CheckpointError
 
 SIDE = 64  # with ratios 16 and 4: Stage C 4 x 4, Stage B 16 x 16 (the parity Stage B needs multiples of 16)
@@ -106,11 +107,11 @@ def test_huge_sizes_are_refused_quickly(weights, tmp_path, monkeypatch, capsys, 
 
 def test_the_memory_limit_is_the_machine_s(weights, tmp_path, monkeypatch, capsys):
     # a machine with 1 MiB free refuses the 64 px run before loading; with plenty, the loaded pipeline checks again
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2 ** 20)
+    monkeypatch.setattr(sizes, "available_memory", lambda device: 2 ** 20)
     assert main(_generate(weights, tmp_path / "x.png")) == 2
     assert f"more than the 870.4 KiB a run may use (85% of the 1.0 MiB available on {DEVICE})" in _error(capsys)
     pipe = pipeline.Pipeline.from_pretrained(weights)
-    monkeypatch.setattr(pipeline, "available_memory", lambda device: 2 ** 14)
+    monkeypatch.setattr(sizes, "available_memory", lambda device: 2 ** 14)
     with pytest.raises(ValueError, match=r"64 x 64 px, 2 image\(s\): needs about .* \(estimate\)"):
         pipe(["a", "b"], height=SIDE, width=SIDE, prior_steps=1, decoder_steps=1,
              callback=lambda *a: pytest.fail("sampled"))
@@ -128,12 +129,12 @@ def test_a_container_s_memory_limit_counts(tmp_path, files, room):
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert pipeline._cgroup_headroom(tmp_path) == room
+    assert sizes._cgroup_headroom(tmp_path) == room
 
 
 def test_generate_refuses_unknown_keywords_before_loading(weights):
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['generator', 'steps'\]"):
-        pipeline.generate("a cat", weights, steps=3, generator=None)
+        generate.generate("a cat", weights, steps=3, generator=None)
 
 
 @pytest.mark.parametrize("out, says", [("x.unknown", "unknown image suffix '.unknown'"),
@@ -156,7 +157,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys, 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline, "generate", fail)
+    monkeypatch.setattr(cli, "generate", fail)
     assert main(["generate", "a cat", "--weights", "w"]) == code
     assert says in _error(capsys)
     with pytest.raises(type(error)):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wurst_core import evaluate as E
+from wurst_core import evaluation as E
 from wurst_core.evaluation import probe as P
 from wurst_core.data.procedural import ProceduralDataset
 

@@ -16,8 +16,10 @@ import pytest
 import torch
 import yaml
 
-from wurst_core import io, notebook, paths, report, runs
-from wurst_core.reproduce import NOTEBOOK_ORDER, notebooks, run_notebook
+from wurst_core import io, paths, runs
+from wurst_core import params
+from wurst_core.workbench import notebook, report
+from wurst_core.workbench.reproduce import NOTEBOOK_ORDER, notebooks, run_notebook
 
 ROOT = paths.REPO_ROOT
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -90,7 +92,7 @@ def test_papermill_lists_every_parameter_with_type_and_help(path: Path):
 
 @dataclass(frozen=True)
 class _Schema:
-    profile: str = notebook.choice("tiny", "smoke", "tiny", "paper")
+    profile: str = params.choice("tiny", "smoke", "tiny", "paper")
     steps: int = 0
     lr: float = 0.0
     name: str = "x"
@@ -107,11 +109,11 @@ def test_resolve_fills_profile_defaults_and_rejects_bad_input(monkeypatch):
     assert (cfg.steps, cfg.lr) == (100, 1e-3)
     cfg = notebook.resolve(_Schema, {"profile": "smoke", "steps": 7, "lr": 2, "name": "x"}, set())
     assert (cfg.steps, cfg.lr) == (7, 2.0)
-    with pytest.raises(notebook.ParameterError, match="unknown parameter.*stpes"):
+    with pytest.raises(params.ParameterError, match="unknown parameter.*stpes"):
         notebook.resolve(_Schema, {"profile": "tiny", "stpes": 5}, set())
-    with pytest.raises(notebook.ParameterError, match="must be int"):
+    with pytest.raises(params.ParameterError, match="must be int"):
         notebook.resolve(_Schema, {"profile": "tiny", "steps": "many"}, set())
-    with pytest.raises(notebook.ParameterError, match="profile must be one of"):
+    with pytest.raises(params.ParameterError, match="profile must be one of"):
         notebook.resolve(_Schema, {"profile": "huge"}, set())
     with pytest.raises(Exception):
         cfg.steps = 3  # frozen
@@ -122,9 +124,9 @@ def test_resolve_fills_profile_defaults_and_rejects_bad_input(monkeypatch):
 def test_runner_rejects_unknown_parameters_before_running():
     if not NOTEBOOKS:
         pytest.skip("no notebooks")
-    with pytest.raises(notebook.ParameterError, match="unknown parameter"):
+    with pytest.raises(params.ParameterError, match="unknown parameter"):
         run_notebook(NOTEBOOKS[0].stem, "smoke", {"definitely_not_a_parameter": 1})
-    with pytest.raises(notebook.ParameterError, match="no notebook"):
+    with pytest.raises(params.ParameterError, match="no notebook"):
         run_notebook("99_missing", "smoke")
 
 
@@ -145,7 +147,7 @@ def test_run_folder_layout_and_report(tmp_path):
     ax.plot([0, 1])
     fig.savefig(run.figure("curve"))
     plt.close(fig)
-    report.save_table(run, "t", pd.DataFrame({"x": [1, 2]}))
+    run.save_table("t", pd.DataFrame({"x": [1, 2]}))
     index = report.build_report("smoke", ["00_data", "03_stage_a"])
     text = index.read_text()
     assert "| a | 1.5 |" in text and "| b.c | 2 |" in text

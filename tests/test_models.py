@@ -273,7 +273,7 @@ def test_registry_and_stage_names():
 # ------------------------------------------------------------------------------------ architecture facts
 
 def test_latent_shapes_and_compression_ratios():
-    from wurst_core import architecture as arch
+    from wurst_core.studies import architecture as arch
 
     assert arch.latent_sides(1024) == {"image": 1024, "stage_a": 256, "semantic_input": 768, "stage_c": 24}
     shapes = arch.pipeline_shapes("tiny", 128).set_index("step")
@@ -285,7 +285,7 @@ def test_latent_shapes_and_compression_ratios():
 
 
 def test_flops_match_the_diffusers_reference_count():
-    from wurst_core import architecture as arch
+    from wurst_core.studies import architecture as arch
 
     # diffusers-reference.md §2.5: Paella VQ decode 256² -> 1024² = 2.172 TFLOP
     assert round(arch.forward_flops("a", "paper", 1024)["decode"] / 1e12, 3) == 2.172

@@ -11,11 +11,12 @@ import typing
 
 import pytest
 
-from wurst_core import notebook, paths
-from wurst_core.cli import main
-from wurst_core.notebook import ParameterError
-from wurst_core.registry import NOTEBOOKS, notebooks
-from wurst_core.reproduce import check_parameters, notebook_parameters, run_notebook
+from wurst_core import paths
+from wurst_core import params
+from wurst_core.workbench.cli import main
+from wurst_core.params import ParameterError
+from wurst_core.workbench.registry import NOTEBOOKS, notebooks
+from wurst_core.workbench.reproduce import check_parameters, notebook_parameters, run_notebook
 
 NAMES = list(NOTEBOOKS)
 
@@ -93,7 +94,7 @@ def test_every_numeric_parameter_has_a_domain_that_refuses_values_outside_it(nam
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("profile", notebook.PROFILES)
+@pytest.mark.parametrize("profile", params.PROFILES)
 def test_every_profile_resolves_inside_the_domains(name, profile):
     check_parameters(name, profile, {})
 

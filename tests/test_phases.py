@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from wurst_core import notebook
+from wurst_core import params
 from wurst_core.evaluation.pixels import psnr, ssim
-from wurst_core.phases import StageAParams, StageBParams, StageCParams
+from wurst_core.studies.stage_a import StageAParams
+from wurst_core.studies.stage_b import StageBParams
+from wurst_core.studies.stage_c import StageCParams
 
 
 def test_psnr_of_known_error():
@@ -27,10 +29,10 @@ def test_ssim_is_one_for_identical_images_and_drops_with_noise():
 
 
 @pytest.mark.parametrize("schema", [StageAParams, StageBParams, StageCParams])
-@pytest.mark.parametrize("profile", notebook.PROFILES)
+@pytest.mark.parametrize("profile", params.PROFILES)
 def test_every_profile_resolves_to_a_valid_training_config(schema, profile, monkeypatch):
     monkeypatch.delenv("WURST_PROFILE", raising=False)
-    cfg = notebook.build(schema, {"profile": profile})
+    cfg = params.build(schema, {"profile": profile})
     tc = cfg.train_config()
     assert tc.steps >= 1 and tc.batch_size >= 1 and cfg.size and cfg.resolution > 0
     assert math.isfinite(tc.lr) and tc.lr > 0
@@ -46,9 +48,9 @@ def test_paper_profile_builds_the_released_sizes_on_the_meta_device(monkeypatch)
     from wurst_core.models.stage_b import STAGE_B_SIZES, StageB
     from wurst_core.models.stage_c import STAGE_C_SIZES, StageC
 
-    a = notebook.build(StageAParams, {"profile": "paper"})
-    b = notebook.build(StageBParams, {"profile": "paper"})
-    c = notebook.build(StageCParams, {"profile": "paper"})
+    a = params.build(StageAParams, {"profile": "paper"})
+    b = params.build(StageBParams, {"profile": "paper"})
+    c = params.build(StageCParams, {"profile": "paper"})
     with torch.device("meta"):
         nets = {"a": StageA(STAGE_A_SIZES[a.size]), "sc": SemanticCompressor(SEMANTIC_SIZES[b.compressor]),
                 "b": StageB(STAGE_B_SIZES[b.size]), "c": StageC(STAGE_C_SIZES[c.size])}
@@ -59,7 +61,7 @@ def test_paper_profile_builds_the_released_sizes_on_the_meta_device(monkeypatch)
 
 def test_stream_renders_the_dataset_items_on_demand():
     from wurst_core.data import make_dataset
-    from wurst_core.phases import Stream
+    from wurst_core.data.stream import Stream
 
     stream = Stream("procedural", 10**6, 32, seed=3)
     assert len(stream) == 10**6
@@ -72,7 +74,7 @@ def test_stream_renders_the_dataset_items_on_demand():
 
 def test_calibrated_scale_factor_gives_unit_variance_latents():
     from wurst_core.models.stage_a import STAGE_A_SIZES, StageA
-    from wurst_core.phases import calibrate_scale_factor
+    from wurst_core.studies.stage_a import calibrate_scale_factor
 
     torch.manual_seed(0)
     model = StageA(STAGE_A_SIZES["parity"]).eval()
@@ -89,28 +91,28 @@ def test_stage_c_objective_is_the_released_one_except_the_tiny_noise_shift(monke
     from wurst_core.diffusion import Diffusion
 
     monkeypatch.delenv("WURST_PROFILE", raising=False)
-    assert notebook.build(StageCParams, {"profile": "paper"}).diffusion() == Diffusion()  # p2, stretched t, no shift
-    assert notebook.build(StageCParams, {"profile": "smoke"}).diffusion() == Diffusion()
-    tiny = notebook.build(StageCParams, {"profile": "tiny"}).diffusion()
+    assert params.build(StageCParams, {"profile": "paper"}).diffusion() == Diffusion()  # p2, stretched t, no shift
+    assert params.build(StageCParams, {"profile": "smoke"}).diffusion() == Diffusion()
+    tiny = params.build(StageCParams, {"profile": "tiny"}).diffusion()
     assert (tiny.weight, tiny.t_sampler, tiny.schedule.shift) == ("p2", "uniform", 2.0)
     g = torch.Generator().manual_seed(0)
     released = Diffusion()
     ab_tiny = tiny.schedule.alpha_bar(tiny.sample_t(20_000, g)).mean()
     ab_released = released.schedule.alpha_bar(released.sample_t(20_000, g)).mean()
     assert ab_tiny < ab_released - 0.05, "the shifted objective trains at more noise"
-    with pytest.raises(notebook.ParameterError, match="'t_sampler' must be one of"):  # refused at resolve time
-        notebook.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"})
-    with pytest.raises(notebook.ParameterError, match="'noise_shift' must lie in"):
-        notebook.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0})
+    with pytest.raises(params.ParameterError, match="'t_sampler' must be one of"):  # refused at resolve time
+        params.build(StageCParams, {"profile": "tiny", "t_sampler": "logit"})
+    with pytest.raises(params.ParameterError, match="'noise_shift' must lie in"):
+        params.build(StageCParams, {"profile": "tiny", "noise_shift": -1.0})
 
 
 def test_stage_b_guidance_is_the_released_zero_on_paper_and_an_explicit_zero_is_kept(monkeypatch):
     """`decoder_guidance: float | None`: None takes the profile's value; 0 (no guidance) is a value, not "unset"."""
     monkeypatch.delenv("WURST_PROFILE", raising=False)
-    assert notebook.build(StageBParams, {"profile": "paper"}).decoder_guidance == 0.0
-    assert notebook.build(StageBParams, {"profile": "tiny"}).decoder_guidance == 2.0
-    assert notebook.build(StageBParams, {"profile": "tiny", "decoder_guidance": 0.0}).decoder_guidance == 0.0
-    assert notebook.build(StageBParams, {"profile": "tiny", "decoder_guidance": 3}).decoder_guidance == 3.0
-    assert notebook.build(StageBParams, {"profile": "tiny", "steps": 0}).steps == 1700  # plain fields: 0 is unset
-    assert notebook.build(StageCParams, {"profile": "tiny"}).workers == 2
-    assert notebook.build(StageCParams, {"profile": "paper"}).workers == 1
+    assert params.build(StageBParams, {"profile": "paper"}).decoder_guidance == 0.0
+    assert params.build(StageBParams, {"profile": "tiny"}).decoder_guidance == 2.0
+    assert params.build(StageBParams, {"profile": "tiny", "decoder_guidance": 0.0}).decoder_guidance == 0.0
+    assert params.build(StageBParams, {"profile": "tiny", "decoder_guidance": 3}).decoder_guidance == 3.0
+    assert params.build(StageBParams, {"profile": "tiny", "steps": 0}).steps == 1700  # plain fields: 0 is unset
+    assert params.build(StageCParams, {"profile": "tiny"}).workers == 2
+    assert params.build(StageCParams, {"profile": "paper"}).workers == 1

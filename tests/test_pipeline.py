@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from wurst_core.pipeline import Pipeline, stage_b_size, stage_c_size
-from wurst_core.samplers import DEFAULT_STAGE_C_TIMESTEPS
+from wurst_core.models.semantic import LatentScaling
+from wurst_core.pipeline import Pipeline
+from wurst_core.sizes import stage_b_size, stage_c_size
+from wurst_core.diffusion.samplers import DEFAULT_STAGE_C_TIMESTEPS
 from wurst_core.text import char_tokenizer
 
 SIZE = 128  # 128 px: Stage C 3x3, Stage B 32x32
@@ -361,7 +363,7 @@ def test_released_pt_layout(ours, compressor, tmp_path):
     torch.save({"state_dict": ours.stage_a.state_dict()}, tmp_path / "vqgan_f4_v1_500k.pt")
     pipe = Pipeline.from_pretrained(tmp_path, prior_text_encoder=ours.prior_text_encoder,
                                     decoder_text_encoder=ours.decoder_text_encoder)
-    assert pipe.semantic_compressor is not None and pipe.stage_c_scaling == "v2"
+    assert pipe.semantic_compressor is not None and pipe.latent_scaling.kind == "v2"
     kw = dict(height=SIZE, width=SIZE, prior_steps=3, decoder_steps=2)
     assert torch.equal(ours("a cat", generator=torch.Generator().manual_seed(0), **kw),
                        pipe("a cat", generator=torch.Generator().manual_seed(0), **kw))
@@ -372,7 +374,7 @@ def test_released_pt_layout(ours, compressor, tmp_path):
 def test_wurst_generate_cli(diffusers_folder, ours, tmp_path):
     from PIL import Image
 
-    from wurst_core.cli import main
+    from wurst_core.workbench.cli import main
 
     args = ["generate", "a red", "cat", "--weights", str(diffusers_folder), "--seed", "4", "--height", str(SIZE),
             "--width", str(2 * SIZE), "--prior-steps", "3", "--decoder-steps", "2"]
@@ -415,7 +417,7 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
     pipe.save(tmp_path / "pipe", text_encoder_dir=tmp_path / "te")
     re = Pipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(re.prior_text_encoder, TextEncoder) and re.decoder_text_encoder is re.prior_text_encoder
-    assert (re.stage_c_scaling, re.stage_c_mean, re.stage_c_std, re.stage_c_shift) == ("std", 0.3, 2.0, 2.0)
+    assert (re.latent_scaling, re.stage_c_schedule.shift) == (LatentScaling("std", 0.3, 2.0), 2.0)
     assert torch.equal(a, re(["a cat", "a dog"], generator=torch.Generator().manual_seed(0), **kw))
     # the pipeline's own Stage B guidance (pipeline.json) applies unless a call passes one
     assert re.decoder_guidance == 2.0
@@ -428,7 +430,7 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
     assert torch.equal(rec[None], rec[2.0]) and not torch.equal(rec[None], rec[0.0])
     # a Stage C trained with a noise shift samples on the shifted schedule: same t grid, noisier alpha_bar
     from wurst_core.diffusion import CosineSchedule
-    from wurst_core.samplers import sample
+    from wurst_core.diffusion.samplers import sample
 
     tokens, null = re.encode_text(["a cat"]), re.encode_text([""])
     got = re.sample_stage_c(tokens, null, height=64, width=64, steps=3, generator=torch.Generator().manual_seed(1))
@@ -441,7 +443,7 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
     # "std" scaling is undone before Stage B: x*std + mean
     x = torch.randn(1, 16, 4, 4)
     assert torch.equal(re.unscale_stage_c(x), x * 2.0 + 0.3)
-    with pytest.raises(ValueError, match="stage_c_scaling"):
+    with pytest.raises(ValueError, match="latent scaling must be one of"):
         Pipeline(stage_c, stage_b, pipe.stage_a, stage_c_scaling="log")
     with pytest.raises(ValueError, match="stage_c_shift"):
         Pipeline(stage_c, stage_b, pipe.stage_a, stage_c_shift=0.0)
@@ -460,8 +462,8 @@ def test_our_layout_with_text_encoder_and_custom_ratios(compressor, tmp_path):
 
 
 def test_sampling_notebook_helpers():
-    from wurst_core.notebook import build
-    from wurst_core.pipeline import SamplingParams, load_sampling_pipeline, steps_sweep
+    from wurst_core.params import build
+    from wurst_core.studies.sampling import SamplingParams, load_sampling_pipeline, steps_sweep
 
     p = build(SamplingParams, {"profile": "smoke"})
     assert p.numbers("guidances") == [1.0, 4.0]

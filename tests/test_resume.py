@@ -2,7 +2,6 @@
 stops on a finite blow-up as well as on NaN."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -16,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from wurst_core import reproduce, runs, train
-from wurst_core.phases import StageAParams
+from wurst_core import runs
+from wurst_core import training as train
+from wurst_core.workbench import reproduce
+from wurst_core.studies.stage_a import StageAParams
 from wurst_core.runs import ResumeError
 
 ROOT = Path(__file__).resolve().parents[1]

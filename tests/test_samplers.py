@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from wurst_core.diffusion import CosineSchedule, diffuse
-from wurst_core.samplers import (DEFAULT_STAGE_C_TIMESTEPS, ddim_step, ddpm_step, make_timesteps, randn,
+from wurst_core.diffusion.samplers import (DEFAULT_STAGE_C_TIMESTEPS, ddim_step, ddpm_step, make_timesteps, randn,
                                  sample)
 
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from wurst_core import text as T
+from wurst_core.studies.phases import text_encoder
+from wurst_core.text import encoder
 
 SMOKE = T.TINY_CLIP_SIZES["smoke"]
 PROMPTS = ["a large red circle in the top left on a white background", "hi", "word " * 100]
@@ -30,8 +32,8 @@ def test_tokenizer_works_offline(monkeypatch):
         raise OSError("network disabled in this test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    T._simple_tokenizer.cache_clear()
-    T._bpe_vocab_merges.cache_clear()
+    encoder._simple_tokenizer.cache_clear()
+    encoder._bpe_vocab_merges.cache_clear()
     ids = T.tokenize(PROMPTS)
     assert ids.shape == (3, 77) and ids.dtype == torch.long
     assert (ids[:, 0] == T.SOT_ID).all()
@@ -206,23 +208,23 @@ def test_tiny_clip_saved_reloaded_frozen_and_cached(trained, monkeypatch):
         assert torch.equal(v, reloaded.state_dict()[k]), k
     # the notebooks' entry point: the profile's cached encoder, frozen, equal to the trained text tower
     shutil.copytree(directory, T.text_encoder_dir("smoke"))
-    monkeypatch.setattr(T, "train_and_save_tiny_clip", lambda *a, **k: pytest.fail("retrained a cached encoder"))
-    enc = T.get_or_train_tiny_text_encoder("smoke")
+    enc = T.load_tiny_text_encoder("smoke")
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     out = enc(PROMPTS)
     with torch.no_grad():
         assert torch.allclose(out.pooled, model.encode_text(T.tokenize(PROMPTS)), atol=1e-5)
+    (T.text_encoder_dir("smoke") / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no tiny-CLIP checkpoint"):
-        T.load_tiny_text_encoder("tiny")
+        T.load_tiny_text_encoder("smoke")
 
 
-def test_get_or_train_trains_when_missing(monkeypatch):
-    monkeypatch.setitem(T.CLIP_TRAINING, "smoke", dataclasses.replace(T.CLIP_TRAINING["smoke"], steps=2, pool=16,
-                                                                     batch_size=8, eval_size=8, warmup=1))
+def test_a_missing_text_encoder_is_an_error_naming_notebook_01_not_a_silent_training(monkeypatch):
+    monkeypatch.setattr(T.clip, "train_tiny_clip", lambda *a, **k: pytest.fail("trained an encoder unasked"))
     assert not (T.text_encoder_dir("smoke") / "model.json").exists()
-    enc = T.get_or_train_tiny_text_encoder("smoke")
-    assert (T.text_encoder_dir("smoke") / "model.safetensors").is_file()
-    assert enc(["a small blue square at the top on a gray background"]).tokens.shape == (1, 77, SMOKE.text_width)
+    for load in (lambda: T.load_tiny_text_encoder("smoke"), lambda: text_encoder("smoke", "penultimate")):
+        with pytest.raises(T.MissingTextEncoder, match=r"notebooks/01_text_encoder\.ipynb.*wurst run 01_text_encoder"):
+            load()
+    assert not T.text_encoder_dir("smoke").exists()
 
 
 def test_filip_loss_trains_every_caption_token_and_rewards_grounding():

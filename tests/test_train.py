@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from wurst_core import train
+from wurst_core import training as train
 from wurst_core.models.semantic import SEMANTIC_SIZES, SemanticCompressor
 from wurst_core.models.stage_a import STAGE_A_SIZES, StageA
 from wurst_core.models.stage_c import STAGE_C_SIZES, StageC
-from wurst_core.tasks import StageATask, StageCTask, TextCache, drop_captions
+from wurst_core.training.tasks import StageATask, StageCTask, TextCache, drop_captions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def test_stage_a_task_trains_and_resume_is_exact(tmp_path):
 
 
 def test_random_crops_are_aligned_to_latent_cells_and_reproducible():
-    from wurst_core.tasks import random_crops
+    from wurst_core.training.tasks import random_crops
 
     x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
     gens = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]  # noqa: E731
@@ -136,7 +136,7 @@ def _script(body: str) -> str:
         torch.set_flush_denormal(True)
         torch.set_num_threads(1)  # as the test process (conftest): same float summation order
         from test_train import make_stage_c_task, make_data, CFG, final_weights
-        from wurst_core import train
+        from wurst_core import training as train
     """) + textwrap.dedent(body)
 
 

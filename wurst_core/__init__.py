@@ -1,8 +1,10 @@
 """wurst_core: the Würstchen workbench (arXiv 2306.00637).
 
-Public surface (imported lazily so that ``import wurst_core`` stays fast):
-``load_model``, ``Pipeline``, the stage networks and their configs, and the submodules
-``data``, ``text``, ``diffusion``, ``samplers``, ``train``, ``evaluate``, ``report``, ``notebook``, ``runs``.
+Public surface (imported lazily so that ``import wurst_core`` stays fast): ``load_model``, ``Pipeline``, the stage
+networks and the package's floors as submodules (see the README's map; each floor imports only floors below it):
+foundation ``io``, ``paths``, ``params``, ``runs``; ``models``, ``diffusion``, ``data``, ``text``; ``training``,
+``weights``, ``pipeline``, ``generate``, ``evaluation``; ``studies`` (one per notebook); ``workbench`` (notebook
+contract, registry, reproduce, report, CLI; ``notebook`` and ``report`` are short names for two of them).
 """
 from __future__ import annotations
 
@@ -21,8 +23,11 @@ _LAZY = {
     "StageC": ("wurst_core.models.stage_c", "StageC"),
     "SemanticCompressor": ("wurst_core.models.semantic", "SemanticCompressor"),
 }
-_SUBMODULES = {"data", "text", "diffusion", "samplers", "train", "evaluate", "report", "notebook", "runs",
-               "paths", "io", "models", "weights", "pipeline", "cli"}
+_SUBMODULES = {name: f"wurst_core.{name}" for name in (
+    "io", "paths", "params", "runs", "models", "diffusion", "text", "data", "training", "pipeline", "generate",
+    "weights", "evaluation", "studies", "workbench")}
+# the notebooks' short names for the workbench's contract and report
+_SUBMODULES.update(notebook="wurst_core.workbench.notebook", report="wurst_core.workbench.report")
 
 
 def __getattr__(name: str) -> Any:
@@ -30,7 +35,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     if name in _SUBMODULES:
-        return importlib.import_module(f"wurst_core.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     raise AttributeError(f"module 'wurst_core' has no attribute {name!r}")
 
 

@@ -18,10 +18,7 @@ The output side is ``4*int(ceil(H/42.67)*10.67)`` (1024 -> 1024, 1536 -> 1536, 5
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
-import numbers
 import os
 import shutil
 from pathlib import Path
@@ -30,16 +27,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import notebook
 from .diffusion import CosineSchedule, diffuse
-from .evaluation.pixels import psnr
-from .models.semantic import v2_scale
-from .samplers import make_timesteps, randn, sample
+from .diffusion.samplers import make_timesteps, randn, sample
+from .io import atomic_write, write_json
+from .models.semantic import LATENT_SCALINGS, LatentScaling, preprocess
+from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, check_memory, check_sampling_args, estimate_memory,
+                    plan_sizes, stage_b_size, stage_c_size)
+from .text import HFCLIPTextEncoder, TextEncoder, TinyClipConfig, register_tiny_clip
+from .weights import FLOAT16_REFUSED, CheckpointError, check_dtype, load_model, save_model
 
-RESOLUTION_MULTIPLE = 42.67  # image pixels per Stage C latent pixel (diffusers prior `resolution_multiple`)
-LATENT_DIM_SCALE = 10.67     # Stage B latent pixels per Stage C latent pixel (diffusers decoder `latent_dim_scale`)
-
-STAGE_C_SCALINGS = ("v2", "std", "none")
+STAGE_C_SCALINGS = LATENT_SCALINGS
 # where each network lives in a folder, by layout: ours (save), diffusers' combined and split pipelines
 _SUBFOLDERS = {"c": ("stage_c", "prior_prior", "prior"), "b": ("stage_b", "decoder"), "a": ("stage_a", "vqgan"),
                "semantic": ("semantic",)}
@@ -48,16 +45,8 @@ Prompts = str | Sequence[str] | None
 StageCallback = Callable[[str, int, Tensor, Tensor], Any]  # (stage "c" | "b", step, t, latents)
 
 
-def stage_c_size(height: int, width: int, multiple: float = RESOLUTION_MULTIPLE) -> tuple[int, int]:
-    """Stage C latent size for an image size (diffusers prior: ``ceil(H/42.67)``)."""
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    return math.ceil(height / multiple), math.ceil(width / multiple)
 
 
-def stage_b_size(c_size: tuple[int, int], scale: float = LATENT_DIM_SCALE) -> tuple[int, int]:
-    """Stage B latent size for a Stage C latent size (diffusers decoder: ``int(h*10.67)``)."""
-    return int(c_size[0] * scale), int(c_size[1] * scale)
 
 
 def _prompt_list(prompts: Prompts, name: str) -> list[str] | None:
@@ -85,11 +74,11 @@ class Pipeline:
     they are optional when embeddings are passed instead of prompts. ``semantic_compressor`` is only needed for
     ``reconstruct`` and ``variations``. ``stage_c_scaling``: the data space Stage C was trained on, undone before
     Stage B: "v2" = ``(f + 1)/42`` (the released prior; samples map back with ``x*42 - 1``), "std" =
-    ``(f - stage_c_mean)/stage_c_std``, "none" = the raw compressor output (``wurst_core.tasks.StageCTask``).
+    ``(f - stage_c_mean)/stage_c_std``, "none" = the raw compressor output (``wurst_core.training.StageCTask``).
     ``stage_c_shift``: the logSNR shift of Stage C's training t (1 = the released prior); Stage C then samples on the
     shifted schedule (uniform steps in shifted time, as StableCascade's GDF samples with its training schedule).
     ``prior_guidance`` / ``decoder_guidance``: the Stage C / Stage B guidance a call uses unless it passes its own
-    (released: 4 and 0; the tiny workbench networks: 2 and 2, see ``phases.StageBParams`` / ``StageCParams``).
+    (released: 4 and 0; the tiny workbench networks: 2 and 2, see ``studies.stage_b`` / ``studies.stage_c``).
     ``resolution_multiple`` / ``latent_dim_scale``: image pixels per Stage C latent pixel and Stage B per Stage C
     latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
     ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
@@ -105,21 +94,36 @@ class Pipeline:
                  stage_c_mean: float = 0.0, stage_c_std: float = 1.0, stage_c_shift: float = 1.0,
                  prior_guidance: float = 4.0, decoder_guidance: float = 0.0, resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
                  compressor_size: int | None = None, autocast: bool | None = None) -> None:
-        if stage_c_scaling not in STAGE_C_SCALINGS:
-            raise ValueError(f"stage_c_scaling must be one of {STAGE_C_SCALINGS}, got {stage_c_scaling!r}")
         if resolution_multiple <= 0 or latent_dim_scale <= 0 or stage_c_std <= 0 or stage_c_shift <= 0:
             raise ValueError("resolution_multiple, latent_dim_scale, stage_c_std and stage_c_shift must be > 0")
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
         self.prior_text_encoder, self.decoder_text_encoder = prior_text_encoder, decoder_text_encoder
         self.semantic_compressor = semantic_compressor
-        self.stage_c_scaling, self.stage_c_mean, self.stage_c_std = stage_c_scaling, stage_c_mean, stage_c_std
-        self.stage_c_shift, self.prior_guidance, self.decoder_guidance = stage_c_shift, prior_guidance, decoder_guidance
+        self.latent_scaling = LatentScaling(stage_c_scaling, stage_c_mean, stage_c_std)
+        self.stage_c_schedule = CosineSchedule(shift=stage_c_shift)  # Stage C samples on the schedule it trained on
+        self.prior_guidance, self.decoder_guidance = prior_guidance, decoder_guidance
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
         self.compressor_size = compressor_size
         self.autocast = autocast
         self._check_dtypes()
         for m in self._modules():
             m.eval()
+
+    @classmethod
+    def from_networks(cls, *, stage_c: nn.Module | None, stage_b: nn.Module, stage_a: nn.Module, text: nn.Module,
+                      compressor: nn.Module, resolution: int, scaling: LatentScaling = LatentScaling(),
+                      shift: float = 1.0, prior_guidance: float = 4.0, decoder_guidance: float = 0.0,
+                      decoder_text: nn.Module | None = None) -> "Pipeline":
+        """A pipeline over networks trained here, whose compression ratios follow from the networks themselves (e.g.
+        64 px images, 4 x 4 compressor latents, 16 x 16 Stage A latents) instead of the released 42.67 / 10.67.
+        ``text`` serves Stage C, and Stage B too unless ``decoder_text`` is given."""
+        sc_size = compressor.config.image_size
+        c_side = compressor(torch.zeros(1, 3, sc_size, sc_size)).shape[-1]
+        b_side = resolution // stage_a.config.downscale
+        return cls(stage_c, stage_b, stage_a, text, decoder_text or text, semantic_compressor=compressor,
+                   stage_c_scaling=scaling.kind, stage_c_mean=scaling.mean, stage_c_std=scaling.std,
+                   stage_c_shift=shift, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance,
+                   resolution_multiple=resolution / c_side, latent_dim_scale=b_side / c_side, compressor_size=sc_size)
 
     # ---------------------------------------------------------------- loading and saving
     @classmethod
@@ -140,8 +144,6 @@ class Pipeline:
         open_clip checkpoint; ours: ``text_encoder/`` serves both stages) unless passed; without them, pass text
         embeddings to the pipeline. ``settings`` override ``pipeline.json`` (``stage_c_scaling``, ``autocast`` ...).
         """
-        from .weights import CheckpointError, check_dtype, load_model
-
         dtype = check_dtype(dtype)
         root = Path(path)
         if not root.is_dir():
@@ -172,9 +174,6 @@ class Pipeline:
         (Stage C scaling, latent-size ratios); ``from_pretrained`` reads it back. Text encoders live elsewhere
         (``wurst_core.text``): ``text_encoder_dir``, a ``wurst_core.text`` checkpoint folder, is copied to
         ``text_encoder/`` so that the folder is self-contained (``wurst generate --weights``)."""
-        from .io import atomic_write, write_json
-        from .weights import save_model
-
         directory = Path(directory)
         parts = {"c": self.stage_c, "b": self.stage_b, "a": self.stage_a, "semantic": self.semantic_compressor}
         for stage, model in parts.items():
@@ -193,8 +192,9 @@ class Pipeline:
                                                       ("decoder", self.decoder_text_encoder))
                   if isinstance(getattr(enc, "layer", None), str)}
         write_json(directory / "pipeline.json", {
-            "text_layers": layers, "stage_c_scaling": self.stage_c_scaling, "stage_c_mean": self.stage_c_mean,
-            "stage_c_std": self.stage_c_std, "stage_c_shift": self.stage_c_shift,
+            "text_layers": layers, "stage_c_scaling": self.latent_scaling.kind,
+            "stage_c_mean": self.latent_scaling.mean, "stage_c_std": self.latent_scaling.std,
+            "stage_c_shift": self.stage_c_schedule.shift,
             "prior_guidance": self.prior_guidance, "decoder_guidance": self.decoder_guidance,
             "resolution_multiple": self.resolution_multiple, "latent_dim_scale": self.latent_dim_scale,
             "compressor_size": self.compressor_size})
@@ -216,8 +216,6 @@ class Pipeline:
            dtype: torch.dtype | str | None = None) -> "Pipeline":
         """Move every module to ``device``; ``dtype`` (bfloat16 or float32; also ``pipe.to(torch.bfloat16)``) casts
         the networks, not the text encoders. float16 is refused (NaNs, black images)."""
-        from .weights import check_dtype
-
         if isinstance(device, torch.dtype):
             device, dtype = None, device
         dtype = check_dtype(dtype)
@@ -235,8 +233,6 @@ class Pipeline:
         return {q.dtype for m in self._networks() for q in m.parameters() if q.is_floating_point()}
 
     def _check_dtypes(self) -> None:
-        from .weights import FLOAT16_REFUSED
-
         if torch.float16 in self._network_dtypes():
             raise ValueError(f"this pipeline's networks are float16: {FLOAT16_REFUSED}")
 
@@ -313,24 +309,16 @@ class Pipeline:
                    {"text_tokens": negative_text_embeds} if negative_text_embeds is not None else None,
                    guidance, sampler, generator=generator, progress=progress, device=self.device,
                    callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None,
-                   schedule=CosineSchedule(shift=self.stage_c_shift))
+                   schedule=self.stage_c_schedule)
         return self.unscale_stage_c(x)
 
     def scale_stage_c(self, embeds: Tensor) -> Tensor:
         """The raw Semantic Compressor output -> Stage C's data space (the inverse of ``unscale_stage_c``)."""
-        if self.stage_c_scaling == "v2":
-            return v2_scale(embeds)
-        if self.stage_c_scaling == "std":
-            return (embeds - self.stage_c_mean) / self.stage_c_std
-        return embeds
+        return self.latent_scaling.scale(embeds)
 
     def unscale_stage_c(self, x: Tensor) -> Tensor:
         """Stage C's data space -> the raw Semantic Compressor output that Stage B is conditioned on."""
-        if self.stage_c_scaling == "v2":
-            return x * 42 - 1  # diffusers: latents * latent_mean(42) - latent_std(1)
-        if self.stage_c_scaling == "std":
-            return x * self.stage_c_std + self.stage_c_mean
-        return x
+        return self.latent_scaling.unscale(x)
 
     @torch.no_grad()
     def sample_stage_b(self, image_embeds: Tensor, text_embeds: Tensor, negative_text_embeds: Tensor | None = None,
@@ -441,8 +429,6 @@ class Pipeline:
             if self.compressor_size is None:
                 embeds = self.semantic_compressor.encode(images).float()
             else:
-                from .models.semantic import preprocess
-
                 scale = self.compressor_size / max(h, w)
                 sized = preprocess(images, (max(1, round(h * scale)), max(1, round(w * scale))))
                 embeds = self.semantic_compressor(sized).float()
@@ -489,7 +475,7 @@ class Pipeline:
         embeds, size = self._compressor_embeds(images)
         if prompts is None or len(prompts) != embeds.shape[0]:
             raise ValueError(f"pass one prompt per image ({embeds.shape[0]} images)")
-        schedule = CosineSchedule(shift=self.stage_c_shift)
+        schedule = self.stage_c_schedule
         x0 = self.scale_stage_c(embeds)
         t = torch.full((x0.shape[0],), float(strength), device=x0.device)
         x = diffuse(x0, t, randn(x0.shape, generator, x0.device, x0.dtype), schedule)
@@ -560,8 +546,6 @@ def _load_text_encoders(root: Path, device: str | torch.device,
         if (root / model_dir / "config.json").is_file() and (root / tok_dir).is_dir():
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            from .text import HFCLIPTextEncoder
-
             model = CLIPTextModel.from_pretrained(root / model_dir).to(device).eval()
             out[stage] = HFCLIPTextEncoder(CLIPTokenizer.from_pretrained(root / tok_dir), model,
                                            layer=layers.get(stage, "last"))
@@ -577,8 +561,6 @@ def _load_text_encoders(root: Path, device: str | torch.device,
 
 
 def _load_open_clip_text(folder: Path, device: str | torch.device) -> Any:
-    from .text import TextEncoder, TinyClipConfig, register_tiny_clip
-
     meta = json.loads((folder / "model.json").read_text())
     if "tiny_clip" not in meta:
         raise ValueError(f"{folder / 'model.json'} is not a wurst_core.text checkpoint (no 'tiny_clip' entry)")
@@ -587,467 +569,3 @@ def _load_open_clip_text(folder: Path, device: str | torch.device) -> Any:
 
 
 # ------------------------------------------------------------------ checks before sampling (issue 18)
-MAX_STEPS = 1000        # per stage; the released schedules use 60 and 12, and a step costs one network call
-MEMORY_FRACTION = 0.85  # of the available memory a run may plan to use: the estimate is rough, the rest is margin
-TEXT_TOKENS = 77        # CLIP's context: the keys/values every attention block adds
-
-
-def check_sampling_args(*, height: Any = None, width: Any = None, prior_steps: Any = None, decoder_steps: Any = None,
-                        prior_guidance: Any = None, decoder_guidance: Any = None, num_images_per_prompt: Any = None,
-                        seed: Any = None) -> None:
-    """Raise ``ValueError`` for an argument out of its domain (the ones passed; None is not checked)."""
-    def integer(name: str, value: Any) -> None:
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-
-    for name, value in (("height", height), ("width", width), ("num_images_per_prompt", num_images_per_prompt)):
-        if value is not None:
-            integer(name, value)
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-    for name, value in (("prior_steps", prior_steps), ("decoder_steps", decoder_steps)):
-        if value is not None:
-            integer(name, value)
-            if not 1 <= value <= MAX_STEPS:
-                raise ValueError(f"{name} must be between 1 and {MAX_STEPS}, got {value}")
-    for name, value in (("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if seed is not None:
-        integer("seed", seed)
-        if not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SizePlan:
-    """The latent and image sizes of one request: Stage C, Stage B (Stage A's latents) and the output image."""
-
-    stage_c: tuple[int, int]
-    stage_b: tuple[int, int]
-    image: tuple[int, int]
-
-
-def plan_sizes(height: int, width: int, configs: dict[str, Any], resolution_multiple: float = RESOLUTION_MULTIPLE,
-               latent_dim_scale: float = LATENT_DIM_SCALE, exact: bool = False) -> SizePlan:
-    """The sizes ``__call__`` samples at for ``height`` x ``width`` (``configs``: the "b" and "a" networks' configs,
-    for Stage B's size multiple and Stage A's upscale). Raises ``ValueError``, naming the nearest sizes that work,
-    where Stage B cannot take the latent or, with ``exact``, where the image would not come out at the size asked."""
-    b_multiple = getattr(configs.get("b"), "downscale", 1)
-    upscale = getattr(configs.get("a"), "downscale", 4)
-    c_size = stage_c_size(height, width, resolution_multiple)
-    b_size = stage_b_size(c_size, latent_dim_scale)
-    image = (b_size[0] * upscale, b_size[1] * upscale)
-    for name, side, b, out in (("height", height, b_size[0], image[0]), ("width", width, b_size[1], image[1])):
-        if b % b_multiple == 0 and (out == side or not exact):
-            continue
-        below, above = _sides_that_work(side, resolution_multiple, latent_dim_scale, b_multiple, upscale)
-        nearby = " or ".join(str(x) for x in (below, above) if x) or "none"
-        why = (f"comes out as {out} px with these networks" if b % b_multiple == 0 else
-               f"gives a {b}-pixel Stage B latent, not a multiple of {b_multiple} as this Stage B needs")
-        raise ValueError(f"{name} {side} px {why}; sizes that work nearby: {nearby}")
-    return SizePlan(c_size, b_size, image)
-
-
-def _sides_that_work(side: int, resolution_multiple: float, latent_dim_scale: float, b_multiple: int,
-                     upscale: int) -> tuple[int | None, int | None]:
-    """The nearest image sides at or below and above ``side`` that Stage B takes and that come out as asked."""
-    below = None
-    for c in range(1, math.ceil(side / resolution_multiple) + 64 * b_multiple):
-        b = int(c * latent_dim_scale)
-        out = b * upscale
-        # out must map back onto this Stage C size, else asking for it gives another image size
-        if b < 1 or b % b_multiple or math.ceil(out / resolution_multiple) != c:
-            continue
-        if out > side:
-            return below, out
-        below = out
-    return below, None
-
-
-def estimate_memory(plan: SizePlan, configs: dict[str, Any], batch: int, prior_guidance: float,
-                    decoder_guidance: float) -> int:
-    """Bytes of float32 activations at the peak of one ``__call__`` (the stages run one after another, so the
-    largest stage). Per pixel of a ConvNeXt block: 16 x its width (the 4x inverted bottleneck keeps about four
-    such tensors alive); attention: q, k, v, out over the pixels + 77 text tokens (``scaled_dot_product_attention``
-    kernels do not keep the full score matrix). Deliberately generous; networks without a config are skipped."""
-    peaks = [2 * batch * 3 * plan.image[0] * plan.image[1]]  # the output image and its clamped copy
-    c = configs.get("c")
-    if all(hasattr(c, f) for f in ("c", "c_cond")):
-        n = plan.stage_c[0] * plan.stage_c[1]
-        peaks.append(batch * (2 if prior_guidance > 1 else 1) * (16 * n * c.c + 4 * (n + TEXT_TOKENS) * c.c))
-    b = configs.get("b")
-    if all(hasattr(b, f) for f in ("c_hidden", "patch_size", "c_cond")):
-        worst = skips = 0
-        for i, width in enumerate(b.c_hidden):
-            f = b.patch_size * 2 ** i
-            n = max(1, plan.stage_b[0] // f) * max(1, plan.stage_b[1] // f)
-            worst = max(worst, n * (16 * width + 2 * b.c_cond) + 4 * (n + TEXT_TOKENS) * width)
-            skips += n * width  # the U-Net keeps every level's output for the up path
-        peaks.append(batch * (2 if decoder_guidance > 1 else 1) * (worst + skips))
-    a = configs.get("a")
-    if all(hasattr(a, f) for f in ("c_hidden", "levels")):
-        # the decoder's levels: c_hidden at the latent size, halving the width per doubling of the side
-        peaks.append(batch * max(12 * (a.c_hidden // 2 ** j) * plan.stage_b[0] * plan.stage_b[1] * 4 ** j
-                                 for j in range(a.levels)))
-    return 4 * max(peaks)
-
-
-def available_memory(device: str | torch.device) -> int | None:
-    """Free bytes on ``device``: the GPU's free memory, or the machine's MemAvailable (psutil, else /proc/meminfo);
-    None where neither can be read."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    free = None
-    try:
-        import psutil
-
-        free = int(psutil.virtual_memory().available)
-    except ImportError:
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024  # the file says kB and means KiB
-        except (OSError, ValueError, IndexError):
-            pass
-    # in a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) does not show
-    room = _cgroup_headroom()
-    return room if free is None or (room is not None and room < free) else free
-
-
-def _cgroup_headroom(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes this process's memory cgroup may still take (its limit minus what it holds, page cache that can be
-    dropped excepted); None without a limit. cgroup v2 (``memory.max``), else v1 (``memory/memory.limit_in_bytes``)."""
-    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
-                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
-                                       "memory/memory.stat", "total_inactive_file")):
-        try:
-            text = (root / limit).read_text().strip()
-            if text == "max" or int(text) >= 2 ** 60:  # v1 writes "no limit" as a huge number
-                return None
-            used = int((root / usage).read_text())
-            fields = dict(line.split() for line in (root / stat).read_text().splitlines() if line.count(" ") == 1)
-            return max(0, int(text) - used + int(fields.get(cache, 0)))
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def check_memory(needed: int, device: str | torch.device, what: str) -> None:
-    """Raise ``ValueError`` (one line: the estimate and the limit) when ``needed`` bytes exceed the share of the
-    available memory a run may use; an unreadable amount is not checked."""
-    free = available_memory(device)
-    if free is None:
-        return
-    limit = int(free * MEMORY_FRACTION)
-    if needed > limit:
-        raise ValueError(f"{what}: needs about {_size(needed)} of memory (estimate), more than the {_size(limit)} a "
-                          f"run may use ({MEMORY_FRACTION:.0%} of the {_size(free)} available on "
-                          f"{torch.device(device).type}); ask for a smaller image or fewer images")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _check_output(out: Path) -> None:
-    """Refuse an output path that saving would reject, before any work: not an image suffix PIL writes, a folder,
-    or a place that cannot be written."""
-    from PIL import Image
-
-    if out.is_dir():
-        raise IsADirectoryError(f"output {out} is a folder; give a file name such as {out / 'image.png'}")
-    Image.init()
-    if out.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"output {out}: unknown image suffix {out.suffix!r}; use .png or .jpg")
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:  # the folder that will hold the new ones
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"output {out}: cannot write into {parent}")
-
-
-def _stored_configs(root: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """Before loading: each network's config where its checkpoint stores one (``weights.read_config``), the
-    settings of ``pipeline.json`` and the bytes of the weight files (what loading will take, in float32 files)."""
-    from .weights import read_config
-
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
-    found = _locate_networks(root)
-    configs = {}
-    for stage, path in found.items():
-        if stage in ("a", "b", "c"):
-            got = read_config(path, stage)
-            configs[stage] = got[1] if got else None
-    settings = {}
-    if (root / "pipeline.json").is_file():
-        try:
-            settings = json.loads((root / "pipeline.json").read_text())
-        except ValueError as e:
-            raise ValueError(f"{root / 'pipeline.json'}: not JSON ({e})") from e
-    files: set[Path] = set()
-    for p in list(found.values()) + [root / n for n in ("text_encoder", "prior_text_encoder", "decoder_text_encoder")]:
-        if p.is_file():
-            files.add(p)
-        elif p.is_dir():
-            files.update(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
-    return configs, settings, sum(f.stat().st_size for f in files)
-
-
-def generate(prompt: str | Sequence[str], weights_dir: str | os.PathLike, seed: int = 0,
-             out: str | os.PathLike = "image.png", *, device: str | torch.device | None = None,
-             dtype: torch.dtype | str | None = None, progress: bool = True, **kwargs: Any) -> Path:
-    """``wurst generate``: load ``weights_dir`` (``Pipeline.from_pretrained``), sample with a CPU generator seeded
-    with ``seed`` (same image on CPU and GPU, same as diffusers for the same weights) and save a PNG (a grid for
-    several images). ``kwargs`` go to ``Pipeline.__call__`` (height, width, prior_steps, ...). ``dtype``: the
-    networks' (bfloat16 or float32; float16 is refused).
-
-    Everything that can be checked without the weights is checked before loading them: the numbers, the output
-    path, the sizes (exactly as asked: a size the networks would round is refused with the nearest that work) and
-    the memory estimate (configs read from the checkpoints where they are stored, plus the weight files' size)."""
-    import inspect
-
-    from torchvision.utils import save_image
-
-    from .weights import check_dtype
-
-    dtype = check_dtype(dtype)
-    accepted = set(inspect.signature(Pipeline.__call__).parameters) - {"self", "generator", "prompts"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise TypeError(f"generate() got unexpected keyword argument(s) {unknown} (the generator comes from seed)")
-    check_sampling_args(seed=seed, **{k: v for k, v in kwargs.items() if k in (
-        "height", "width", "prior_steps", "decoder_steps", "prior_guidance", "decoder_guidance",
-        "num_images_per_prompt")})
-    out = Path(out)
-    _check_output(out)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    configs, settings, weight_bytes = _stored_configs(Path(weights_dir))
-    height, width = kwargs.get("height", 1024), kwargs.get("width", 1024)
-    plan = plan_sizes(height, width, configs, settings.get("resolution_multiple", RESOLUTION_MULTIPLE),
-                      settings.get("latent_dim_scale", LATENT_DIM_SCALE), exact=True)
-    batch = (1 if isinstance(prompt, str) else len(prompt)) * kwargs.get("num_images_per_prompt", 1)
-    guidance = [kwargs.get(k) if kwargs.get(k) is not None else settings.get(k, default)
-                for k, default in (("prior_guidance", 4.0), ("decoder_guidance", 0.0))]
-    check_memory(weight_bytes + estimate_memory(plan, configs, batch, *guidance), device,
-                 f"{height} x {width} px, {batch} image(s) (weights {_size(weight_bytes)})")
-    pipe = Pipeline.from_pretrained(weights_dir, device=device, dtype=dtype)
-    images = pipe(prompt, generator=torch.Generator().manual_seed(seed), progress=progress, **kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, out, nrow=max(1, math.ceil(math.sqrt(images.shape[0]))))
-    return out
-
-
-
-# ============================================================ the sampling study (notebooks/06_sampling.ipynb)
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Parameters of ``notebooks/06_sampling.ipynb``; 0 / "" take the profile's value."""
-
-    profile: str = notebook.choice("tiny", *notebook.PROFILES)
-    weights_dir: str = ""          # Pipeline.from_pretrained folder ("": latest 05_stage_c run, else random weights)
-    size: int = notebook.param(0, ge=0, le=4096)  # image side in px, square (0: the training resolution)
-    prior_steps: int = notebook.param(0, ge=1, le=1000)    # tau_C (paper: 60)
-    decoder_steps: int = notebook.param(0, ge=1, le=1000)  # tau_B (paper: 12)
-    prior_guidance: float | None = notebook.param(None, ge=0)    # Stage C guidance (None: the pipeline's own)
-    decoder_guidance: float | None = notebook.param(None, ge=0)  # Stage B guidance (None: the pipeline's own)
-    n_prompts: int = notebook.param(0, ge=1, le=64)
-    n_seeds: int = notebook.param(0, ge=1, le=64)
-    guidances: str = notebook.param("", items=notebook.Domain(0, None))  # Stage C guidance scales of the sweep
-    step_counts: str = notebook.param("", items=notebook.Domain(1, 1000))  # Stage C step counts of the sweep
-    n_reconstruct: int = notebook.param(0, ge=1, le=64)  # held-out images through the reconstruction path
-    strengths: str = notebook.param("", items=notebook.Domain(0, 1, lo_open=True))  # Pipeline.resample strengths
-    seed: int = notebook.param(0, ge=0)
-
-    @classmethod
-    def profile_defaults(cls, profile: str) -> dict[str, Any]:
-        return {"smoke": dict(prior_steps=2, decoder_steps=2, n_prompts=2, n_seeds=2, guidances="1,4",
-                              step_counts="1,2", n_reconstruct=2, strengths="0.5,1"),
-                "tiny": dict(prior_steps=60, decoder_steps=12, n_prompts=6, n_seeds=4, guidances="1,2,4,8",
-                             step_counts="2,5,10,20,30,60", n_reconstruct=6,
-                             strengths="0.2,0.4,0.6,0.8,1"),
-                "paper": dict(prior_steps=60, decoder_steps=12, n_prompts=4, n_seeds=2, guidances="1,2,4,8",
-                              step_counts="10,20,30,60", n_reconstruct=4,
-                              strengths="0.2,0.4,0.6,0.8,1")}[profile]
-
-    def numbers(self, field: str) -> list[float]:
-        """A comma-separated parameter (``guidances``, ``step_counts``) as numbers."""
-        text = getattr(self, field)
-        try:
-            values = [float(v) for v in text.split(",") if v.strip()]
-        except ValueError as e:
-            raise ValueError(f"{field} must be comma-separated numbers, got {text!r}") from e
-        if not values:
-            raise ValueError(f"{field} is empty")
-        return values
-
-
-def random_pipeline(profile: str = "tiny", seed: int = 0) -> Pipeline:
-    """Untrained networks (size "tiny"; "parity" for smoke) and a random tiny CLIP: the sampling machinery without a
-    model. The official inits zero the output heads, GRN and timestep mappers; those tensors get N(0, 0.02²) so
-    that text, guidance and the compressor map change the images (the A/B head stays near B = 0)."""
-    from .models import build_model, get_config
-    from .text import TINY_CLIP_SIZES, TextEncoder, create_tiny_clip
-
-    clip_cfg = TINY_CLIP_SIZES["smoke" if profile == "smoke" else "tiny"]
-    text = TextEncoder.from_clip(create_tiny_clip(clip_cfg, seed), clip_cfg.name)
-    size = "parity" if profile == "smoke" else "tiny"
-    torch.manual_seed(seed)
-    nets = [build_model("c", dataclasses.replace(get_config("c", size), c_cond=text.width)),
-            build_model("b", dataclasses.replace(get_config("b", size), clip_embd=text.width)),
-            build_model("a", size), build_model("semantic", "tiny")]
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for net in nets:
-            for prm in net.parameters():
-                if prm.numel() and prm.abs().max() == 0:
-                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
-    return Pipeline(*nets[:3], text, text, semantic_compressor=nets[3])
-
-
-def load_sampling_pipeline(p: SamplingParams) -> tuple[Pipeline, dict[str, Any]]:
-    """The pipeline the sampling notebook studies and a description: ``weights_dir`` if set, else the latest
-    ``05_stage_c`` run of the profile (its ``checkpoints/pipeline`` and the profile's tiny text encoder), else
-    random weights (``random_pipeline``; not on the paper profile)."""
-    from .runs import latest_run
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if p.weights_dir:
-        pipe = Pipeline.from_pretrained(p.weights_dir, device=device)
-        return pipe, {"weights": str(p.weights_dir), "trained": True, "size": p.size or 1024}
-    run = latest_run("05_stage_c", p.profile)
-    folder = run.checkpoints / "pipeline" if run is not None else None
-    if folder is not None and (folder / "pipeline.json").is_file():
-        texts: dict[str, Any] = {}
-        if not (folder / "text_encoder").is_dir():
-            from .text import load_tiny_text_encoder
-
-            layers = json.loads((folder / "pipeline.json").read_text()).get("text_layers", {})
-            shared = load_tiny_text_encoder(p.profile)
-            texts = {f"{stage}_text_encoder": shared.with_layer(layers.get(stage, "last"))
-                     for stage in ("prior", "decoder")}
-        pipe = Pipeline.from_pretrained(folder, device=device, **texts)
-        resolution = json.loads((run.dir / "config.json").read_text()).get("resolution", 64)
-        return pipe, {"weights": f"trained: 05_stage_c/{p.profile}/{run.run_id}", "trained": True,
-                      "size": p.size or int(resolution)}
-    if p.profile == "paper":
-        raise FileNotFoundError("the paper profile samples trained weights: set weights_dir to a folder of released "
-                                "or trained checkpoints (see Pipeline.from_pretrained)")
-    pipe = random_pipeline(p.profile, p.seed).to(device)
-    return pipe, {"weights": "random (untrained: shows the sampling machinery, not a model)", "trained": False,
-                  "size": p.size or 128}
-
-
-def held_out(n: int, size: int, seed: int = 0) -> tuple[Tensor, list[str]]:
-    """``n`` held-out (split "val") procedural images at ``size`` px and their captions."""
-    from .data import make_dataset
-
-    ds = make_dataset("procedural", size=n, resolution=size, seed=seed, split="val")
-    items = [ds[i] for i in range(n)]
-    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
-
-
-def _timed_call(pipe: Pipeline, prompts: list[str], **kw: Any) -> tuple[Tensor, Tensor, float]:
-    """Images, the final Stage C sample (its data space) and seconds per image."""
-    import time
-
-    last: dict[str, Tensor] = {}
-    t0 = time.perf_counter()
-    images = pipe(prompts, callback=lambda stage, i, t, x: last.__setitem__(stage, x), **kw)
-    return images, last["c"], (time.perf_counter() - t0) / images.shape[0]
-
-
-def sample_grid(pipe: Pipeline, prompts: list[str], n_seeds: int, seed: int = 0,
-                **kw: Any) -> tuple[list[Tensor], float]:
-    """``n_seeds`` images per prompt in one batch -> (one row of images per seed, seconds per image)."""
-    images, _, sec = _timed_call(pipe, prompts, num_images_per_prompt=n_seeds,
-                                 generator=torch.Generator().manual_seed(seed), **kw)
-    return [images[s::n_seeds] for s in range(n_seeds)], sec
-
-
-def guidance_sweep(pipe: Pipeline, prompts: list[str], guidances: Sequence[float], seed: int = 0,
-                   **kw: Any) -> tuple[list[Tensor], Any]:
-    """One image per prompt for each Stage C guidance scale, all from the same seed (so only w changes).
-    Table: seconds per image, std of the Stage C sample (CFG pushes it out), per-image pixel std, and mean
-    |image - image at the first w|."""
-    import pandas as pd
-
-    rows, table = [], []
-    for w in guidances:
-        images, c, sec = _timed_call(pipe, prompts, prior_guidance=w, generator=torch.Generator().manual_seed(seed),
-                                     **kw)
-        rows.append(images)
-        table.append({"prior_guidance": w, "seconds_per_image": sec, "stage_c_std": c.std().item(),
-                      "pixel_std": images.flatten(1).std(1).mean().item(),
-                      "l1_to_first": (images - rows[0]).abs().mean().item()})
-    return rows, pd.DataFrame(table)
-
-
-def steps_sweep(pipe: Pipeline, prompts: list[str], step_counts: Sequence[float], seed: int = 0,
-                samplers: Sequence[str] = ("ddpm", "ddim"), **kw: Any) -> tuple[dict[str, list[Tensor]], Any]:
-    """Images for each Stage C step count and sampler (same seed). ``l1_to_most_steps``: mean |image - image with
-    the most steps| of the same sampler: DDIM (deterministic) converges as the steps grow; ancestral DDPM draws
-    different noise for every step count, so it converges only in distribution."""
-    import pandas as pd
-
-    counts = [int(n) for n in step_counts]
-    images: dict[str, list[Tensor]] = {}
-    table = []
-    for sampler in samplers:
-        images[sampler] = []
-        for n in counts:
-            out, c, sec = _timed_call(pipe, prompts, prior_steps=n, sampler=sampler,
-                                      generator=torch.Generator().manual_seed(seed), **kw)
-            images[sampler].append(out)
-            table.append({"sampler": sampler, "prior_steps": n, "seconds_per_image": sec,
-                          "stage_c_std": c.std().item()})
-        ref = images[sampler][counts.index(max(counts))]
-        for row, out in zip(table[-len(counts):], images[sampler]):
-            row["l1_to_most_steps"] = (out - ref).abs().mean().item()
-    return images, pd.DataFrame(table)
-
-
-def reconstruction_study(pipe: Pipeline, images: Tensor, captions: list[str], decoder_steps: int = 12,
-                         seed: int = 0) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The paper's reconstruction path (§3.1): image -> Semantic Compressor (42x) -> Stage B -> Stage A, with the
-    caption and with the empty prompt, against Stage A alone (4x, the upper bound). PSNR in dB."""
-    with torch.no_grad():
-        stage_a_only = pipe.decode(pipe.stage_a.encode(images.to(pipe.device)))
-    out = {"Stage A only": stage_a_only,
-           "captioned": pipe.reconstruct(images, captions, decoder_steps=decoder_steps,
-                                         generator=torch.Generator().manual_seed(seed)),
-           "empty prompt": pipe.reconstruct(images, decoder_steps=decoder_steps,
-                                            generator=torch.Generator().manual_seed(seed))}
-    images = images.to(pipe.device)
-    return out, {f"psnr_{k.replace(' ', '_').lower()}": psnr(v, images).mean().item() for k, v in out.items()}
-
-
-def resample_study(pipe: Pipeline, images: Tensor, captions: list[str], strengths: Sequence[float],
-                   seed: int = 0, **kw: Any) -> tuple[list[Tensor], Any]:
-    """Held-out images resampled with their own captions (``Pipeline.resample``) at each strength, same seed: where
-    the image's layout stops surviving is where the prior decides it. Table: PSNR to the original and mean
-    |Stage C sample - the image's scaled compressor map|."""
-    import pandas as pd
-
-    with torch.no_grad():
-        target = pipe.scale_stage_c(pipe._compressor_embeds(images)[0])
-    rows, table = [], []
-    for strength in strengths:
-        last: dict[str, Tensor] = {}
-        out = pipe.resample(images, captions, strength=float(strength), generator=torch.Generator().manual_seed(seed),
-                            callback=lambda stage, i, t, x: last.__setitem__(stage, x), **kw)
-        rows.append(out)
-        table.append({"strength": float(strength), "psnr": psnr(out, images.to(out.device)).mean().item(),
-                      "stage_c_l1_to_image_map": (last["c"] - target).abs().mean().item()})
-    return rows, pd.DataFrame(table)
-

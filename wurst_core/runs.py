@@ -46,6 +46,14 @@ class Run:
         )
         return write_json(path, old)
 
+    def save_table(self, name: str, df: Any, index: bool = False) -> Path:
+        """Write ``tables/<name>.md`` and ``.csv`` (a pandas DataFrame), which the report picks up."""
+        d = self.dir / "tables"
+        d.mkdir(parents=True, exist_ok=True)
+        df.to_csv(d / f"{name}.csv", index=index)
+        (d / f"{name}.md").write_text(df.to_markdown(index=index, floatfmt=".4g") + "\n")
+        return d / f"{name}.md"
+
     def metrics(self) -> dict[str, Any]:
         path = self.dir / "metrics.json"
         return json.loads(path.read_text()) if path.exists() else {}

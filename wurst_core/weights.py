@@ -131,12 +131,21 @@ def read_config(path: str | os.PathLike, stage: str | None = None) -> tuple[str,
     return None
 
 
-def save_model(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` ({"stage", "config"}) atomically; returns the folder."""
+def save_model(model: nn.Module, directory: str | os.PathLike, sampling: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` ({"stage", "config"}) atomically; returns the folder.
+    ``sampling``: settings that belong to these weights (e.g. Stage B's guidance), read back by :func:`sampling_of`."""
     stage = stage_of(model)
     meta = {"format": "wurst_core", "stage": stage, "config": dataclasses.asdict(model.config)}
+    if sampling:
+        meta["sampling"] = sampling
     io.save_model_checkpoint(directory, model.state_dict(), meta, name="model")
     return Path(directory)
+
+
+def sampling_of(directory: str | os.PathLike) -> dict[str, Any]:
+    """The sampling settings saved with a checkpoint folder by :func:`save_model` ({} if none)."""
+    meta = Path(directory) / "model.json"
+    return json.loads(meta.read_text()).get("sampling", {}) if meta.is_file() else {}
 
 
 def export_diffusers(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -11,16 +11,15 @@ from __future__ import annotations
 import math
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 from ..io import atomic_write
-from ..notebook import PROFILES, choice, param
 from . import transforms
 from .emoji import EmojiDataset
 from .folder import (MAX_PIXELS, FolderDataset, check_max_pixels, require_root, split_of, write_demo_folder,
@@ -135,10 +134,8 @@ def save_preview(kind: str, out: str | Path, n: int = 16, resolution: int = 64, 
     return atomic_write(out, lambda tmp: grid.save(tmp, format=fmt))
 
 
-def attribute_table(dataset: Dataset, n: int) -> "pandas.DataFrame":
+def attribute_table(dataset: Dataset, n: int) -> pd.DataFrame:
     """One row per object of the first ``n`` scenes (index, background, count and the object's attributes)."""
-    import pandas as pd
-
     rows = []
     for i in range(min(n, len(dataset))):
         attrs = dataset.attributes(i) if hasattr(dataset, "attributes") else dataset[i]["attributes"]
@@ -157,23 +154,6 @@ def images_per_second(dataset: Dataset, n: int = 200) -> float:
     return n / (time.perf_counter() - start)
 
 
-@dataclass(frozen=True)
-class NotebookParams:
-    """Parameters of notebooks/00_data.ipynb."""
-
-    profile: str = choice("tiny", *PROFILES)
-    resolution: int = param(0, ge=8, le=4096)   # 0: the profile's value
-    n_preview: int = param(0, ge=1, le=256)     # items per preview grid
-    n_stats: int = param(0, ge=1)               # scenes for the attribute histograms
-    seed: int = param(0, ge=0)
-
-    @classmethod
-    def profile_defaults(cls, profile: str) -> dict[str, Any]:
-        return {"smoke": {"resolution": 64, "n_preview": 8, "n_stats": 200},
-                "tiny": {"resolution": 64, "n_preview": 16, "n_stats": 5000},
-                "paper": {"resolution": 256, "n_preview": 16, "n_stats": 20000}}[profile]
-
-
 __all__ = ["ProceduralDataset", "EmojiDataset", "FolderDataset", "DATASETS", "make_dataset", "collate",
            "make_loader", "cycle", "preview_grid", "save_preview", "split_of", "write_shard", "write_folder",
-           "MAX_PIXELS", "write_demo_folder", "attribute_table", "images_per_second", "NotebookParams", "transforms"]
+           "MAX_PIXELS", "write_demo_folder", "attribute_table", "images_per_second", "transforms"]

@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..io import atomic_write
+from .procedural import ProceduralDataset
 from .transforms import Crop, resize_crop, to_pil, to_tensor
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -422,8 +423,6 @@ def write_folder(directory: str | Path, samples: Iterable[tuple[str, Any, str]])
 def write_demo_folder(directory: str | Path, n: int = 12, resolution: int = 64, seed: int = 0) -> Path:
     """A folder of ``n`` procedural image-caption pairs plus one corrupt image and one image without caption,
     to show the folder dataset's skip report (notebook 00 and the README)."""
-    from .procedural import ProceduralDataset
-
     ds = ProceduralDataset(n + 1, resolution, seed=seed)
     directory = write_folder(directory, [(f"scene{i:03d}", ds[i]["image"], ds[i]["caption"]) for i in range(n)])
     (directory / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this file was cut off")

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import procedural
 from ..data.procedural import HPOS, VPOS
 from .stats import Estimate, mean_ci
 
@@ -67,17 +68,15 @@ class ProbeSpec:
 
     @classmethod
     def procedural(cls) -> "ProbeSpec":
-        from ..data import procedural as p
-
-        return cls(tuple(p.BACKGROUNDS), (("shape", p.SHAPES), ("color", tuple(p.COLORS)), ("size", p.SIZES)),
+        return cls(tuple(procedural.BACKGROUNDS), (("shape", procedural.SHAPES), ("color", tuple(procedural.COLORS)),
+                    ("size", procedural.SIZES)),
                    ("shape", "color"))
 
     @classmethod
     def emoji(cls, names: Sequence[str]) -> "ProbeSpec":
         """For the emoji dataset: ``names`` are the emoji names it draws from (``emoji_name`` of its characters)."""
-        from ..data import procedural as p
-
-        return cls(tuple(p.BACKGROUNDS), (("emoji", tuple(dict.fromkeys(names))), ("size", p.SIZES)), ("emoji",))
+        return cls(tuple(procedural.BACKGROUNDS), (("emoji", tuple(dict.fromkeys(names))), ("size", procedural.SIZES)),
+                   ("emoji",))
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,44 @@ def v2_unscale(x: torch.Tensor) -> torch.Tensor:
     return x * 42 - 1
 
 
+LATENT_SCALINGS = ("v2", "std", "none")
+
+
+@dataclass(frozen=True)
+class LatentScaling:
+    """Stage C's data space: the map from the raw compressor output ``f`` (what Stage B reads) and back.
+
+    "v2": ``(f + 1) / 42`` as the released v2 encoder; "std": unit variance from the measured ``mean``/``std`` (a
+    compressor trained here has other statistics); "none": ``f`` itself. Saved in ``pipeline.json``.
+    """
+
+    kind: str = "v2"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in LATENT_SCALINGS:
+            raise ValueError(f"latent scaling must be one of {LATENT_SCALINGS}, got {self.kind!r}")
+        if not self.std > 0:
+            raise ValueError(f"latent scaling std must be > 0, got {self.std}")
+
+    def scale(self, f: torch.Tensor) -> torch.Tensor:
+        """Raw compressor output -> Stage C's data space."""
+        if self.kind == "v2":
+            return v2_scale(f)
+        if self.kind == "std":
+            return (f - self.mean) / self.std
+        return f
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage C's data space -> the raw compressor output that Stage B is conditioned on."""
+        if self.kind == "v2":
+            return v2_unscale(x)
+        if self.kind == "std":
+            return x * self.std + self.mean
+        return x
+
+
 def preprocess(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bicubic (antialiased) resize of images in [0, 1] to the compressor's working size (paper §3.1:
     1024 -> 786/768), clamped back to [0, 1] because bicubic overshoots. ``size``: int (square) or (h, w)."""

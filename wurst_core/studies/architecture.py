@@ -15,8 +15,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models import NETWORKS, build_model, count_parameters
-from .notebook import PROFILES, choice, param
+from ..models import NETWORKS, build_model, count_parameters
+from ..params import PROFILES, choice, param
 
 NETWORK_NAMES = {"a": "Stage A (VQGAN)", "semantic": "Semantic Compressor", "b": "Stage B (DiffNeXt)",
                  "c": "Stage C (prior)"}

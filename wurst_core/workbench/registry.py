@@ -7,14 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import paths
-
-from .architecture import ArchitectureParams
-from .data import NotebookParams as DataParams
-from .evaluation.study import EvaluationParams
-from .phases import StageAParams, StageBParams, StageCParams
-from .pipeline import SamplingParams
-from .text import NotebookParams as TextEncoderParams
+from .. import paths
+from ..studies.architecture import ArchitectureParams
+from ..studies.data import DataParams
+from ..studies.evaluation import EvaluationParams
+from ..studies.sampling import SamplingParams
+from ..studies.stage_a import StageAParams
+from ..studies.stage_b import StageBParams
+from ..studies.stage_c import StageCParams
+from ..studies.text_encoder import TextEncoderParams
 
 
 @dataclass(frozen=True)

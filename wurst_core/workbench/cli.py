@@ -13,6 +13,12 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
+from ..data import save_preview
+from ..generate import generate
+from .registry import notebooks, schema
+from .report import build_report
+from .reproduce import notebook_parameters, reproduce, run_notebook
+
 
 def _value(text: str) -> Any:
     try:
@@ -105,19 +111,12 @@ def _user_error(e: Exception) -> str | None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "reproduce":
-        from .reproduce import reproduce
-
         times = reproduce(args.profile, args.only, resume=args.resume)
         print("wall seconds per notebook:", {k: round(v, 1) for k, v in times.items()})
     elif args.cmd == "run":
-        from .reproduce import run_notebook
-
         out = run_notebook(args.notebook, args.profile, {k: _value(v) for k, v in args.param})
         print(out)
     elif args.cmd == "notebooks":
-        from .registry import notebooks, schema
-        from .reproduce import notebook_parameters
-
         for name in notebooks():  # the schema's fields, with the help of the notebook's parameters cell
             print(name)
             cell = notebook_parameters(name)
@@ -127,16 +126,10 @@ def _run(args: argparse.Namespace) -> int:
                            f"  one of {' | '.join(map(str, f.metadata['choices']))}" if "choices" in f.metadata else "")
                 print(f"    {f.name}: {_type_name(f.type)} = {f.default!r}  # {help_}{allowed}")
     elif args.cmd == "report":
-        from .report import build_report
-
         print(build_report(args.profile))
     elif args.cmd == "data":
-        from .data import save_preview
-
         print(save_preview(args.kind, args.out, n=args.n, resolution=args.resolution, seed=args.seed, root=args.root))
     elif args.cmd == "generate":
-        from .pipeline import generate
-
         kw = {k: v for k, v in dict(height=args.height, width=args.width).items() if v is not None}
         print(generate(" ".join(args.prompt), args.weights, seed=args.seed, out=args.out, dtype=args.dtype,
                        prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,

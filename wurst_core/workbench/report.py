@@ -11,20 +11,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from . import paths
-from .registry import NOTEBOOKS, notebooks as all_notebooks
-from .runs import Run, latest_run
-
-
-def save_table(run: Run, name: str, df: pd.DataFrame, index: bool = False) -> Path:
-    """Write ``tables/<name>.md`` and ``.csv`` into a run folder (picked up by the report)."""
-    d = run.dir / "tables"
-    d.mkdir(parents=True, exist_ok=True)
-    df.to_csv(d / f"{name}.csv", index=index)
-    (d / f"{name}.md").write_text(df.to_markdown(index=index, floatfmt=".4g") + "\n")
-    return d / f"{name}.md"
+from .. import paths
+from ..runs import latest_run
+from .registry import NOTEBOOKS
+from .registry import notebooks as all_notebooks
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

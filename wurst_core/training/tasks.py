@@ -1,4 +1,4 @@
-"""The three training objectives (paper Fig. 3) as modules for :func:`wurst_core.train.fit`.
+"""The three training objectives (paper Fig. 3) as modules for :func:`wurst_core.training.fit`.
 
 Each task owns the networks of its stage (frozen ones with ``requires_grad=False``) and maps
 ``(batch, per-sample generators) -> (loss, logs)``. All randomness comes from the per-sample generators, so a batch
@@ -13,10 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import Diffusion
-from .models.semantic import SemanticCompressor, preprocess, v2_scale
-
-LATENT_SCALINGS = ("v2", "std", "none")
+from ..diffusion import Diffusion
+from ..models.semantic import LatentScaling, SemanticCompressor, preprocess
 
 
 def _draw(gens: Sequence[torch.Generator], fn: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
@@ -180,13 +178,11 @@ class StageCTask(nn.Module):
                  diffusion: Diffusion = Diffusion(), sc_size: int | None = None, p_drop_text: float = 0.05,
                  latent_scaling: str = "v2", latent_mean: float = 0.0, latent_std: float = 1.0):
         super().__init__()
-        if latent_scaling not in LATENT_SCALINGS:
-            raise ValueError(f"latent_scaling must be one of {LATENT_SCALINGS}, got {latent_scaling!r}")
         self.stage_c, self.compressor, self.text = stage_c, freeze(compressor), text
         self.diffusion = diffusion
         self.sc_size = sc_size or compressor.config.image_size
         self.p_drop_text = p_drop_text
-        self.latent_scaling, self.latent_mean, self.latent_std = latent_scaling, latent_mean, latent_std
+        self.scaling = LatentScaling(latent_scaling, latent_mean, latent_std)
 
     def train(self, mode: bool = True) -> "StageCTask":
         super().train(mode)
@@ -199,19 +195,11 @@ class StageCTask(nn.Module):
         return self.scale(self.compressor(preprocess(images, self.sc_size)))
 
     def scale(self, f: torch.Tensor) -> torch.Tensor:
-        if self.latent_scaling == "v2":
-            return v2_scale(f)
-        if self.latent_scaling == "std":
-            return (f - self.latent_mean) / self.latent_std
-        return f
+        return self.scaling.scale(f)
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         """Stage C samples -> the raw compressor output that Stage B consumes."""
-        if self.latent_scaling == "v2":
-            return x * 42 - 1
-        if self.latent_scaling == "std":
-            return x * self.latent_std + self.latent_mean
-        return x
+        return self.scaling.unscale(x)
 
     def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = self.encode(batch["image"])

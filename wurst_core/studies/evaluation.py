@@ -18,19 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from .. import notebook, paths
-from ..notebook import param
+from .. import params, paths
+from ..data.emoji import EmojiDataset, emoji_name
+from ..data.stream import load_images
+from ..evaluation import generators as gens
+from ..evaluation.image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
+from ..evaluation.preference import ClipJudge, clip_score, load_pickscore, pick_scores
+from ..evaluation.probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
+from ..evaluation.stats import Estimate
+from ..evaluation.tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
+from ..params import param
 from ..runs import Run, latest_run
-from . import generators as gens
-from .image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
-from .preference import ClipJudge, clip_score, load_pickscore, pick_scores
-from .probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
-from .stats import Estimate
-from .tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
+from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
+from .figures import image_grid
+from .sampling import SamplingParams, load_sampling_pipeline
 
 REAL = "real (ground truth)"
 SHUFFLED = "real, other prompt"
@@ -41,8 +47,8 @@ NOISE = "noise"
 class EvaluationParams:
     """Parameters of ``notebooks/07_evaluation.ipynb``; 0 / "" take the profile's value."""
 
-    profile: str = notebook.choice("tiny", *notebook.PROFILES)
-    dataset: str = notebook.choice("procedural", "procedural", "emoji")
+    profile: str = params.choice("tiny", *params.PROFILES)
+    dataset: str = params.choice("procedural", "procedural", "emoji")
     weights_dir: str = ""           # Pipeline folder to evaluate ("": latest 05_stage_c run, else random weights)
     n_prompts: int = param(0, ge=2)                # held-out prompts, one image per prompt and generator
     resolution: int = param(0, ge=0, le=4096)      # evaluation image size (0: the trained pipeline's, else 64)
@@ -50,7 +56,7 @@ class EvaluationParams:
     prior_steps: int = param(0, ge=1, le=1000)     # tau_C (paper: 60)
     decoder_steps: int = param(0, ge=1, le=1000)   # tau_B (paper: 12)
     prior_guidance: float | None = param(None, ge=0)  # Stage C guidance (paper: 4; None: the pipeline's own)
-    probe_size: str = notebook.choice("", *PROBE_SIZES)  # size of the probe / feature network
+    probe_size: str = params.choice("", *PROBE_SIZES)  # size of the probe / feature network
     probe_images: int = param(0, ge=1)             # real training images of the probe (split "train")
     probe_steps: int = param(0, ge=1)              # probe optimiser steps
     judge_dir: str = ""             # local PickScore_v1 folder (a transformers CLIPModel); "": the tiny judge CLIP
@@ -116,8 +122,6 @@ def probe_spec(dataset: str) -> ProbeSpec:
     if dataset == "procedural":
         return ProbeSpec.procedural()
     if dataset == "emoji":
-        from ..data.emoji import EmojiDataset, emoji_name
-
         return ProbeSpec.emoji([emoji_name(c) for c in EmojiDataset(size=1).emoji])
     raise ValueError(f"compositional accuracy needs ground truth: dataset must be procedural or emoji, got {dataset!r}")
 
@@ -130,8 +134,6 @@ def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudg
     """
     if p.judge_dir:
         return load_pickscore(p.judge_dir, p.judge_processor_dir or None), f"PickScore_v1 ({p.judge_dir})"
-    from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
-
     judge_seed = 1000 + p.seed
     training = dataclasses.replace(CLIP_TRAINING[p.profile], steps=p.judge_steps)
     # the cache is keyed by the whole training recipe: a changed recipe trains a new judge
@@ -146,8 +148,6 @@ def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudg
 
 
 def _pipeline(p: EvaluationParams) -> tuple[Any, dict[str, Any]]:
-    from ..pipeline import SamplingParams, load_sampling_pipeline
-
     return load_sampling_pipeline(SamplingParams(profile=p.profile, weights_dir=p.weights_dir, size=p.sample_size,
                                                  seed=p.seed))
 
@@ -167,8 +167,6 @@ def _stage_c_costs(p: EvaluationParams) -> dict[str, float | None]:
 
 def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
     """The whole study (see the module docstring); ``run``: where the log goes (tables: :func:`save_outputs`)."""
-    from ..phases import load_images
-
     log = _log(progress, run)
     t0 = time.time()
     pipe, pipe_info = _pipeline(p)
@@ -248,8 +246,6 @@ def _estimates_table(estimates: dict[str, dict[str, Estimate]], columns: list[st
 
 def samples_figure(result: EvaluationResult, n: int = 8):
     """One row of samples per generator on the first ``n`` prompts."""
-    from ..phases import image_grid
-
     names = list(result.images)
     k = min(n, len(result.prompts))
     titles = [m.replace(" (", "\n(").replace(", ", ",\n") for m in names]  # row labels fit the image height
@@ -258,9 +254,6 @@ def samples_figure(result: EvaluationResult, n: int = 8):
 
 def compositional_figure(result: EvaluationResult):
     """Per-attribute accuracy with 95% CIs for every generator, next to the probe's ceiling."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     groups = {"probe ceiling": result.probe_ceiling, **{n: e for n, e in result.estimates.items()}}
     attrs = list(result.probe_ceiling)
     fig, ax = plt.subplots(figsize=(1.2 * len(attrs) + 2, 3.2))
@@ -280,9 +273,7 @@ def compositional_figure(result: EvaluationResult):
 
 
 def save_outputs(result: EvaluationResult, run: Run) -> dict[str, Path]:
-    """Tables (markdown + CSV, copied into ``reports/`` by ``wurst_core.report``) and metrics into the run folder."""
-    from ..report import save_table
-
-    written = {name: save_table(run, name, df, index=True) for name, df in result.tables.items()}
+    """Tables (markdown + CSV, copied into ``reports/`` by ``wurst_core.workbench.report``) and metrics into the run folder."""
+    written = {name: run.save_table(name, df, index=True) for name, df in result.tables.items()}
     run.save_metrics(result.metrics())
     return written

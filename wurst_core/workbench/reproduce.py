@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import notebook, paths
-from .io import write_json
-from .notebook import PROFILES, ParameterError
+from .. import params, paths
+from ..io import write_json
+from ..params import PROFILES, ParameterError
+from ..runs import ResumeError, config_differences, new_run_id, resumable_run_id
 from .registry import NOTEBOOKS, notebooks, schema
 from .report import build_report
-from .runs import ResumeError, config_differences, new_run_id, resumable_run_id
 
 NOTEBOOK_ORDER: tuple[str, ...] = tuple(NOTEBOOKS)
 DONE = "done.json"  # written into a run folder when its notebook ran to the end
@@ -37,7 +37,7 @@ def check_parameters(name: str, profile: str, parameters: dict[str, Any]) -> Any
     unknown = sorted(set(parameters) - fields)
     if unknown:
         raise ParameterError(f"unknown parameter(s) {unknown} for {name}; it takes {sorted(fields)}")
-    return notebook.build(schema(name), {**parameters, "profile": profile})
+    return params.build(schema(name), {**parameters, "profile": profile})
 
 
 def _resume_folder(name: str, profile: str, config: Any, run_id: str | None) -> str:

@@ -1,24 +1,13 @@
-"""The notebook parameter contract.
+"""Typed parameter schemas: frozen dataclasses whose fields declare their domain, filled per profile.
 
-Every notebook has three leading cells::
+A schema is a frozen dataclass; each field may declare its domain with :func:`param` (an interval, choices, a
+comma-separated list) and the class may give ``profile_defaults(profile)``: the values that fields left at their
+"profile value" sentinel (``0``, ``""``, ``None``, or a declared ``unset``) take. :func:`build` fills them, then checks
+every value's type and domain and the schema's own ``check()`` (rules between fields), raising
+:class:`ParameterError` with the parameter's name and its allowed range.
 
-    import wurst_core as wc                    # imports
-    _before = set(globals())                   # snapshot: names that are not parameters
-
-    profile: str = "tiny"  # smoke | tiny | paper     <- the one cell tagged `parameters`
-    steps: int = 0         # 0: the profile's value
-
-    cfg = wc.notebook.resolve(StageAParams, globals(), _before)   # frozen config; raises on bad input
-
-papermill only *warns* about unknown parameters and does not recompute derived values, so ``resolve``
-raises on any name defined by the parameters or injected cell that the schema lacks, validates types
-and choices, and fills the values left at their "profile default" sentinel (``0``, ``""`` or ``None``)
-from the schema's profile table.
-
-Profile selection: "Run All" in JupyterLab runs the committed default (``tiny``). The environment variable
-``WURST_PROFILE`` overrides the *default* profile; CI sets ``WURST_PROFILE=smoke`` for nbval, which runs
-notebooks as committed. A profile passed explicitly through papermill (``-p profile tiny``) is applied after
-the parameters cell, and ``WURST_PROFILE`` then does not override it only when it differs from the default.
+``WURST_PROFILE`` overrides the *default* profile (CI runs the notebooks as committed on ``smoke``); a profile given
+explicitly (other than the default) wins.
 """
 from __future__ import annotations
 
@@ -143,18 +132,6 @@ def _check_domain(name: str, value: Any, field: dataclasses.Field) -> None:
                     raise ParameterError(f"parameter {name!r} must be comma-separated numbers, got {value!r}") from None
                 if number not in meta["items"]:
                     raise ParameterError(f"parameter {name!r}: each value must lie in {meta['items']}, got {item}")
-
-
-def resolve(schema: type[T], namespace: Mapping[str, Any], before: set[str] | None = None) -> T:
-    """Build the frozen ``schema`` instance from a notebook's globals. See the module docstring."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    if before is not None:
-        defined = {k for k in namespace if k not in before and not k.startswith("_") and k not in ("In", "Out", "exit", "quit", "get_ipython")}
-        unknown = sorted(defined - set(fields))
-        if unknown:
-            raise ParameterError(f"unknown parameter(s) {unknown}; this notebook takes {sorted(fields)}")
-    values = {k: namespace[k] for k in fields if k in namespace}
-    return build(schema, values)
 
 
 def build(schema: type[T], values: Mapping[str, Any]) -> T:

@@ -1,7 +1,7 @@
 """Training: one short loop shared by the three stages (paper Fig. 3: Stage A, then B, then C).
 
 A *task* is an ``nn.Module`` whose ``forward(batch, rngs)`` returns ``(loss, logs)``; it owns the networks of its
-stage, frozen ones included (:mod:`wurst_core.tasks`). The loop here is stage-agnostic: AdamW with linear warm-up,
+stage, frozen ones included (:mod:`wurst_core.training.tasks`). The loop here is stage-agnostic: AdamW with linear warm-up,
 gradient accumulation, clipping at 1.0, EMA, bf16 autocast on GPU, atomic checkpoints, exact resume, NaN guard, and
 DistributedDataParallel when ``torch.distributed`` is initialised (``torchrun``).
 
@@ -14,24 +14,30 @@ uninterrupted run. Under DDP each rank takes its rows of the same global batch w
 """
 from __future__ import annotations
 
-import copy
+import ctypes
 import dataclasses
 import functools
 import math
+import multiprocessing as mp
 import os
 import pickle
+import queue
+import signal
+import socket
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
-from .io import save_torch, write_json
+from ..io import save_torch
+from ..models.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
 
 
 class TrainingDiverged(RuntimeError):
@@ -207,8 +213,6 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _shard(task: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from .models.blocks import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
-
     for m in task.modules():
         if isinstance(m, (ResBlock, ResBlockStageB, AttnBlock, TimestepBlock)) and \
                 any(p.requires_grad for p in m.parameters()):
@@ -266,8 +270,6 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     Under ``torchrun`` the task is wrapped in DistributedDataParallel, or sharded with FSDP2 when
     ``cfg.strategy == "fsdp"`` (checkpoints then hold full, gathered tensors; optimizer states keyed by name).
     """
-    from tqdm.auto import tqdm
-
     ckpt_dir = Path(ckpt_dir)
     state_path = ckpt_dir / "train_state.pt"
     rank, world = _world()
@@ -366,26 +368,6 @@ def _diverged(problem: str, state_path: Path) -> None:
     raise TrainingDiverged(f"{problem}; stopped. Last good checkpoint: {last}")
 
 
-def ema_copy(task: nn.Module, state_path: str | os.PathLike) -> nn.Module:
-    """A copy of ``task`` carrying the EMA weights stored in a training checkpoint."""
-    state = load_training_state(Path(state_path))
-    out = copy.deepcopy(task)
-    out.load_state_dict(state["model"])
-    ema = EMA(out)
-    ema.load_state_dict(state["ema"])
-    return ema.copy_to(out)
-
-
-def batches(n: int, batch_size: int) -> Iterator[list[int]]:
-    """Sequential index chunks (evaluation)."""
-    for i in range(0, n, batch_size):
-        yield list(range(i, min(n, i + batch_size)))
-
-
-def write_history(history: pd.DataFrame, path: str | os.PathLike) -> None:
-    write_json(path, history.to_dict(orient="records"))
-
-
 def fit_processes(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict[str, Any]], n_data: int,
                   ckpt_dir: str | os.PathLike, workers: int = 2, resume: bool = False, progress: bool = True,
                   on_log: Callable[[int, dict[str, float]], None] | None = None) -> pd.DataFrame:
@@ -398,12 +380,6 @@ def fit_processes(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[i
     batch, the data rendering and the encoders. ``fork`` start (Linux): the children inherit the built task, its
     frozen encoders and the dataset, so nothing is pickled and a notebook can call this directly.
     """
-    import multiprocessing as mp
-    import queue
-    import socket
-
-    from tqdm.auto import tqdm
-
     if workers <= 1 or (dist.is_available() and dist.is_initialized()):
         return fit(task, cfg, get_batch, n_data, ckpt_dir, resume=resume, progress=progress, on_log=on_log)
     if next(task.parameters()).device.type != "cpu":
@@ -461,9 +437,6 @@ def _fit_worker(rank: int, world: int, port: int, messages: Any, task: nn.Module
                 resume: bool) -> None:
     try:
         if os.path.exists("/proc/self"):  # Linux: die with the parent (a killed kernel leaves no orphan training)
-            import ctypes
-            import signal
-
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         torch.set_num_threads(1)
         # DDP warns when a conv weight's gradient is not laid out as its bucket (a copy of a few KB per step)

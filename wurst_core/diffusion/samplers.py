@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .diffusion import CosineSchedule, _expand
+from .objective import CosineSchedule, _expand
 
 SAMPLERS = ("ddpm", "ddim")
 
