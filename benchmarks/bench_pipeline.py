@@ -1,6 +1,6 @@
 """Time wurst_core.Pipeline against diffusers' WuerstchenCombinedPipeline on the same random weights.
 
-CPU (default): the tiny sizes of diffusers-reference.md §3, float32, 128 px, in the same process, and a parity
+CPU (default): the parity sizes (docs/reference.md#parity-sizes), float32, 128 px, in the same process, and a parity
 check of the two images. GPU (``--gpu``): the released sizes (prior 993.6 M, decoder 1,055.4 M, VQGAN, CLIP-bigG
 and CLIP-H text towers, all random), bf16, 1024 px, batch 1 and 4 (one prompt, ``num_images_per_prompt``: diffusers'
 combined pipeline fails on lists of different prompts). Both pipelines run 60 Stage C steps with CFG 4 and 12
@@ -30,7 +30,8 @@ from wurst_core.pipeline import Pipeline  # noqa: E402
 from wurst_core.text import HFCLIPTextEncoder, char_tokenizer  # noqa: E402
 from wurst_core.weights import config_from_diffusers, official_from_diffusers  # noqa: E402
 
-# diffusers constructor arguments; "paper" = the released configs (diffusers-reference.md §1)
+# diffusers constructor arguments; "paper" = the released configs
+# (docs/reference.md#stage-b-diffnext, docs/reference.md#stage-c-prior)
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "prior": dict(c_in=16, c=32, c_cond=32, c_r=64, depth=2, nhead=2),

@@ -1,7 +1,6 @@
 """Shared test setup: deterministic CPU float32, denormals flushed, runs written to a temporary folder."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

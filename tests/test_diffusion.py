@@ -87,7 +87,7 @@ def test_schedule_shift():
     # the network's r under a shift is the unshifted t with the same alpha_bar (GDF CosineTNoiseCond)
     r = shifted.noise_cond(t)
     torch.testing.assert_close(base.alpha_bar(r), shifted.alpha_bar(t), atol=2e-5, rtol=1e-4)
-    # values quoted in official-implementation.md §5b for shift = 2
+    # the r values of docs/reference.md#noise-shift for shift = 2
     assert shifted.noise_cond(torch.tensor([0.5, 1.0])).tolist() == pytest.approx([0.706, 0.9936], abs=1e-3)
     with pytest.raises(ValueError, match="shift"):
         CosineSchedule(shift=0.0)

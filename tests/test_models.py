@@ -16,7 +16,7 @@ from wurst_core.models import (NETWORKS, SEMANTIC_SIZES, STAGE_A_SIZES, STAGE_B_
 from wurst_core.models.blocks import AttnBlock, MultiheadAttention, r_embedding
 from wurst_core.paths import REPO_ROOT
 
-# every key and shape of the official v2 modules (computed from the official code; shared/reference/ of the project)
+# every key and shape of the official v2 modules, from the official module code (docs/reference.md#checkpoint-formats)
 SHAPES = REPO_ROOT / "tests" / "fixtures" / "official_v2_state_dict_shapes.json"
 
 
@@ -42,7 +42,7 @@ def test_paper_sizes_match_the_official_modules(official_shapes, stage, size, pa
 
 
 def test_stage_c_paper_variants():
-    # v1 prior (CLIP-H conditioning) per official-implementation.md §4a
+    # v1 prior: c_cond 1024 for CLIP-H (docs/reference.md#stage-c-prior)
     assert count_parameters(build_model("c", "v1", device="meta")) == 993_243_680
     # the paper's 16-block text == diffusers' WuerstchenPrior defaults
     from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
@@ -287,7 +287,7 @@ def test_latent_shapes_and_compression_ratios():
 def test_flops_match_the_diffusers_reference_count():
     from wurst_core.studies import architecture as arch
 
-    # diffusers-reference.md §2.5: Paella VQ decode 256² -> 1024² = 2.172 TFLOP
+    # docs/reference.md#parameter-counts-and-flops: Paella VQ decode 256² -> 1024² = 2.172 TFLOP
     assert round(arch.forward_flops("a", "paper", 1024)["decode"] / 1e12, 3) == 2.172
     table = arch.flops_table(["parity"], 128)
     assert set(table["network"]) == {"Stage A (VQGAN)", "Stage B (DiffNeXt)", "Stage C (prior)"}

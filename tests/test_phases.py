@@ -36,7 +36,7 @@ def test_every_profile_resolves_to_a_valid_training_config(schema, profile, monk
     tc = cfg.train_config()
     assert tc.steps >= 1 and tc.batch_size >= 1 and cfg.size and cfg.resolution > 0
     assert math.isfinite(tc.lr) and tc.lr > 0
-    if profile == "paper":  # official §6a: AdamW 1e-4, 10k warm-up, clip 1.0
+    if profile == "paper":  # docs/reference.md#training-recipe: AdamW 1e-4, 10k warm-up, clip 1.0
         assert (tc.lr, tc.warmup_steps, tc.grad_clip) == (1e-4, 10_000, 1.0)
 
 
@@ -83,7 +83,7 @@ def test_calibrated_scale_factor_gives_unit_variance_latents():
     scale = calibrate_scale_factor(model, images)
     assert model.config.scale_factor == scale
     assert model.encode(images).std().item() == pytest.approx(1.0, abs=1e-3)
-    undone = model.out_block(model.up_blocks(model._encode_raw(images)))
+    undone = model.out_block(model.up_blocks(model.encode_unscaled(images)))
     assert torch.allclose(model.decode(model.encode(images)), undone, atol=1e-5)  # decode undoes the scale
 
 

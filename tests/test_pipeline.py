@@ -85,7 +85,7 @@ def _randomize_zeros(module, g):
 
 @pytest.fixture(scope="module")
 def ref():
-    """diffusers' combined pipeline with seeded random tiny weights (sizes of diffusers-reference.md §3)."""
+    """diffusers' combined pipeline with seeded random tiny weights (docs/reference.md#parity-sizes)."""
     from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
 
@@ -356,7 +356,7 @@ def test_save_and_reload_our_format(ours, tmp_path):
 
 
 def test_released_pt_layout(ours, compressor, tmp_path):
-    """The original training-checkpoint dicts side by side (official-implementation.md §7)."""
+    """The original training-checkpoint dicts side by side (docs/reference.md#checkpoint-formats)."""
     torch.save({"ema_state_dict": ours.stage_c.state_dict()}, tmp_path / "model_v2_stage_c.pt")
     torch.save({"state_dict": ours.stage_b.state_dict(), "effnet_state_dict": compressor.state_dict()},
                tmp_path / "model_v2_stage_b.pt")

@@ -49,7 +49,7 @@ def test_ddpm_step_equals_diffusers_scheduler_step(diffusers_mod, timesteps):
 
 
 def _diffusers_loop(sch, denoise, x, ts, cond, uncond, w, g):
-    """The prior pipeline's loop (diffusers-reference.md §2.2) around the real scheduler."""
+    """The prior pipeline's loop around the real scheduler (docs/reference.md#classifier-free-guidance)."""
     sch.set_timesteps(timesteps=ts) if not isinstance(ts, int) else sch.set_timesteps(ts)
     for t in sch.timesteps[:-1]:
         ratio = t.expand(x.size(0))

@@ -1,9 +1,9 @@
 """The text-to-image pipeline: text -> Stage C -> Stage B -> Stage A (paper §3.3, Figure 2).
 
 1. Stage C samples the Semantic Compressor latent (B, 16, ceil(H/42.67), ceil(W/42.67)) from noise with DDPM,
-   tau_C = 60 steps and classifier-free guidance w = 4 (paper §4; released ``DEFAULT_STAGE_C_TIMESTEPS``
-   available). With the v2 data scaling Stage C works on ``(f + 1)/42`` and its output is mapped back with
-   ``x*42 - 1`` (official §2, diffusers ``latent_mean=42, latent_std=1``).
+   tau_C = 60 steps and classifier-free guidance w = 4 (paper §4; the released 29-step schedule is available:
+   docs/reference.md#released-sampling-settings). With the v2 data scaling Stage C works on ``(f + 1)/42`` and its
+   output is mapped back with ``x*42 - 1`` (docs/reference.md#stage-c-latent-scaling).
 2. Stage B samples the Stage A latent (B, 4, int(h*10.67), int(w*10.67)) conditioned on that map and on text,
    tau_B = 12 steps. The paper (§4) uses w = 4 for Stage B; the released pipeline uses 0 (no guidance). Both work:
    ``decoder_guidance=4.0`` or ``0.0`` (the default, as released; a saved pipeline carries its own default, the
@@ -12,7 +12,7 @@
 
 Random numbers are drawn in diffusers' order (Stage C start noise, one z per Stage C step, Stage B start noise,
 one z per Stage B step) from the one ``generator``, so the same seed gives diffusers' image
-(diffusers-reference.md §2). Unlike diffusers' combined pipeline, batches of different prompts work.
+(docs/reference.md#random-number-order). Unlike diffusers' combined pipeline, batches of different prompts work.
 The output side is ``4*int(ceil(H/42.67)*10.67)`` (1024 -> 1024, 1536 -> 1536, 512 -> 512, 128 -> 128).
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ class Pipeline:
     ``resolution_multiple`` / ``latent_dim_scale``: image pixels per Stage C latent pixel and Stage B per Stage C
     latent pixel (released: 42.67 and 10.67; networks trained here at other compression ratios set their own).
     ``compressor_size``: the compressor's input size (longer side) in ``reconstruct``/``variations``, as Stage B
-    was trained (paper §3.1: 1024 -> 768); None: the compressor's own ``encode`` rule (``config.image_size``).
+    was trained (1024 -> 768, docs/reference.md#compressor-input-size); None: the compressor's own ``encode`` rule
+    (``config.image_size``).
     ``autocast`` (default: on for CUDA and for bfloat16 networks): run the networks in bf16 autocast; the sampler
     stays in float32. Networks in float16 are refused (``weights.FLOAT16_REFUSED``): use bfloat16 or float32.
     """
@@ -328,7 +329,7 @@ class Pipeline:
                        progress: bool = False, sampler: str = "ddpm") -> Tensor:
         """Stage B: image embeddings (B, 16, h, w, raw compressor space) + text tokens -> Stage A latents
         (B, 4, int(h*10.67), int(w*10.67)) or ``latent_size``. The unconditional branch (guidance > 1) gets the
-        negative text and a zero image embedding (diffusers-reference.md §2.3)."""
+        negative text and a zero image embedding (docs/reference.md#classifier-free-guidance)."""
         if image_embeds.dim() != 4 or image_embeds.shape[0] != text_embeds.shape[0]:
             raise ValueError(f"image_embeds {tuple(image_embeds.shape)} must be (B, 16, h, w) with the batch of "
                              f"text_embeds {tuple(text_embeds.shape)}")
@@ -413,7 +414,7 @@ class Pipeline:
                                       callback=callback, progress=progress, sampler=sampler)
         return self.decode(latents)
 
-    def _compressor_embeds(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def compressor_embeds(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images in [0, 1] -> raw Semantic Compressor map and the Stage B latent size of the same image."""
         if self.semantic_compressor is None:
             raise ValueError("this pipeline has no semantic_compressor (pass one to Pipeline(...) or load a "
@@ -445,7 +446,7 @@ class Pipeline:
         the image survives the 42x compressed map. Same size out as in; text: the caption or the empty prompt.
         ``decoder_guidance``: None takes the pipeline's own."""
         decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
-        embeds, size = self._compressor_embeds(images)
+        embeds, size = self.compressor_embeds(images)
         prompts = _prompt_list(prompts, "prompts")
         if prompts is not None and len(prompts) != embeds.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {embeds.shape[0]} images")
@@ -465,14 +466,14 @@ class Pipeline:
         noised to ``t = strength`` on the prior's schedule and denoised with ``prompts`` from there
         (``round(prior_steps * strength)`` DDPM steps), then Stage B and Stage A as in ``__call__``. Strength 1 is
         text-to-image; near 0, ``reconstruct``. What survives a strength tells at which noise level the prior
-        decides it: for the tiny prior, held-out layouts survive t = 0.4 and are lost by t = 0.8 (README).
+        decides it (for the tiny prior: docs/findings.md#stage-c-where-layouts-are-decided).
         Random numbers: the noise of the start, then Stage C's and Stage B's steps, all from ``generator``."""
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         prior_guidance = self.prior_guidance if prior_guidance is None else prior_guidance
         decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
         prompts = _prompt_list(prompts, "prompts")
-        embeds, size = self._compressor_embeds(images)
+        embeds, size = self.compressor_embeds(images)
         if prompts is None or len(prompts) != embeds.shape[0]:
             raise ValueError(f"pass one prompt per image ({embeds.shape[0]} images)")
         schedule = self.stage_c_schedule
@@ -499,7 +500,7 @@ class Pipeline:
         if num_variations < 1:
             raise ValueError(f"num_variations must be >= 1, got {num_variations}")
         decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
-        embeds, size = self._compressor_embeds(images)
+        embeds, size = self.compressor_embeds(images)
         embeds = embeds.repeat_interleave(num_variations, dim=0)
         if decoder_text_embeds is not None:
             if decoder_text_embeds.dim() != 3 or decoder_text_embeds.shape[0] != 1:

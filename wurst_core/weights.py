@@ -1,5 +1,5 @@
-"""Loading, saving and exporting the networks, in every released layout (`official-implementation.md` §7,
-`diffusers-reference.md` §1-3).
+"""Loading, saving and exporting the networks, in every released layout (docs/reference.md#checkpoint-formats,
+docs/reference.md#key-conversion).
 
 ``load_model(path, stage=None)`` detects the format:
 

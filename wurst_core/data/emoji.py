@@ -4,7 +4,7 @@ One or two emoji, each small or large, in distinct cells of a 3x3 grid on a plai
 names each emoji by its Unicode name ("dog face"), its size and position, and the background. The attribute
 dict follows the procedural schema where it applies, with ``"emoji"`` (the name) and ``"char"`` in place of
 shape and colour. The font is Debian's ``fonts-noto-color-emoji`` (CBDT bitmaps, one strike at 109 ppem;
-reference/evaluation-and-data.md §5); its path is configurable (argument or ``WURST_EMOJI_FONT``).
+docs/reference.md#emoji-font); its path is configurable (argument or ``WURST_EMOJI_FONT``).
 """
 from __future__ import annotations
 

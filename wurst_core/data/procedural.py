@@ -3,7 +3,7 @@
 Every item is a pure function of ``(seed, split, index)``: one to three shapes (shape, colour, size, position on
 a 3x3 grid) on a plain background, and a caption drawn from varied templates that names every visible attribute
 and nothing else. Because the generator knows the ground truth, compositional accuracy of generated images can
-be measured exactly (the GenEval analogue of reference/evaluation-and-data.md §4).
+be measured exactly (docs/reference.md#compositional-evaluation).
 
 Attribute schema (fixed; the evaluation probe relies on it)::
 

@@ -12,9 +12,8 @@ from . import MAX_PIXELS, make_dataset
 class Stream:
     """Training items rendered (or read) on demand: ``stream(indices) -> {"image", "caption"}``.
 
-    The procedural generator renders ~4,000 images/s, so a fresh image for every sample costs less than 3 % of a
-    tiny training step, and a large ``n_train`` means the networks rarely see an image twice: no memorisation of a
-    small pool, which the compositional held-out prompts would expose.
+    Fresh renders cost little beside a step and leave no small pool to memorise, which the compositional held-out
+    prompts would expose (docs/findings.md#tiny-profile-streamed-data).
     """
 
     def __init__(self, kind: str, n: int, resolution: int, seed: int, split: str = "train", data_dir: str = "",

@@ -1,6 +1,6 @@
 """Image transforms: PIL <-> tensor, resize + crop, and the normalisation constants the networks expect.
 
-Official Würstchen training (reference/official-implementation.md §6a) does ``ToTensor -> Resize(s) ->
+The released Würstchen training (docs/reference.md#training-recipe) does ``ToTensor -> Resize(s) ->
 RandomCrop(s)``: shorter side to ``s``, then a random square crop, no aspect-ratio bucketing. Evaluation uses a
 centre crop. Dataset images are float tensors in [0, 1]; each network applies its own normalisation
 (the Semantic Compressor the ImageNet statistics, paper §3.1; CLIP towers the OpenAI CLIP statistics).

@@ -1,7 +1,7 @@
 """Diffusion maths of Würstchen v2: cosine schedule, forward noising, training-time t, eps target, loss weights.
 
-Paper §3.2 (Stage C objective) and official-implementation.md §5a (the released "Diffuzz" code); the optional
-schedule shift follows StableCascade's GDF (§5b). Symbols:
+Paper §3.2; the released objective and StableCascade's shift: docs/reference.md#released-objective,
+docs/reference.md#noise-shift. Symbols:
 
 - ``t`` in [0, 1] is continuous time, ``t = 1`` is pure noise; the networks receive it as ``r``.
 - ``alpha_bar(t) = clamp(cos²((t+s)/(1+s)·π/2) / cos²(s/(1+s)·π/2), 1e-4, 0.9999)`` with ``s = 0.008``.
@@ -110,8 +110,8 @@ def sample_t(batch: int, generator: torch.Generator | None = None, device: torch
              kind: str = "stretched") -> Tensor:
     """Training-time t, shape (batch,).
 
-    ``stretched`` (the released recipe, official §5a): ``((1-U)·1.08 + 0.001).clamp(0.001, 1)``, which puts
-    0.081/1.08 = 7.5 % of the samples at exactly t = 1 (pure noise). ``uniform`` (StableCascade):
+    ``stretched`` (as released, docs/reference.md#released-objective): ``((1-U)·1.08 + 0.001).clamp(0.001, 1)``,
+    which puts 7.5 % of the samples at exactly t = 1 (pure noise). ``uniform`` (StableCascade):
     ``((1-U) + 0.001).clamp(0.001, 1)``.
     """
     if kind not in T_SAMPLERS:
@@ -125,7 +125,7 @@ def loss_weight(t: Tensor, kind: str = "p2", schedule: CosineSchedule = CosineSc
     """Per-sample loss weight, shape of ``t``.
 
     ``p2`` = ``1 - alpha_bar`` = ``1/(1+SNR)``: Choi et al.'s P2 with k = gamma = 1, as the released code computes it
-    (official §5a, GDF ``P2LossWeight``). ``p2_paper`` = ``(1 - alpha_bar)/(1 + alpha_bar)``: the formula the paper
+    (docs/reference.md#released-objective). ``p2_paper`` = ``(1 - alpha_bar)/(1 + alpha_bar)``: the form the paper
     *prints* in §3.2; it disagrees with the code (it halves the weight near t = 0), so it is kept as an ablation.
     ``constant`` = 1 (plain eps-MSE, DDPM's "simple" loss).
     """

@@ -4,7 +4,7 @@
   written with the same operations in the same order so that results are bit-identical in float32.
 - ``ddim_step``: DDIM (Song et al. 2021), deterministic for ``eta = 0``; ``eta = 1`` is the DDPM posterior again.
 - ``sample``: the loop, with classifier-free guidance ``lerp(eps_uncond, eps_cond, w)`` computed from ONE batched
-  forward with the conditional half first, on iff ``w > 1`` (diffusers-reference.md §2.2).
+  forward with the conditional half first, on iff ``w > 1`` (docs/reference.md#classifier-free-guidance).
 
 RNG parity with diffusers: the initial noise is drawn first, then DDPM draws ``z`` at *every* step, the last
 (deterministic, ``t_prev = 0``) one included, all from the same generator; a CPU generator draws on the CPU and the
@@ -22,9 +22,8 @@ from .objective import CosineSchedule, _expand
 
 SAMPLERS = ("ddpm", "ddim")
 
-# The released Stage C schedule (official §5a, diffusers DEFAULT_STAGE_C_TIMESTEPS): 20 dense steps from 1 to 2/3,
-# then 10 coarse ones to 0; 30 values, 29 network evaluations. Built with numpy float64 as diffusers does, so the
-# float32 tensor is bit-identical.
+# The released Stage C schedule (docs/reference.md#released-sampling-settings), built in numpy float64 as diffusers
+# does, so the float32 tensor is bit-identical.
 DEFAULT_STAGE_C_TIMESTEPS: tuple[float, ...] = tuple(
     float(v) for v in list(np.linspace(1.0, 2 / 3, 20)) + list(np.linspace(2 / 3, 0.0, 11))[1:]
 )

@@ -14,9 +14,9 @@ FID is biased upwards when a set is not much larger than the feature dimension (
 Inception): compare FIDs only at equal set sizes; KID is unbiased and the better small-sample number
 (Bińkowski et al. 2018).
 
-torchmetrics gotchas handled here (evaluation-and-data.md §1): with a custom module, ``InceptionScore`` still
-multiplies by 255 when ``normalize=True`` (we pass features with ``normalize=False``); KID and IS draw
-``torch.randperm`` in ``compute()`` (seeded inside ``fork_rng``, so the caller's RNG is untouched); KID's
+torchmetrics behaviours handled here (docs/reference.md#evaluation-metrics): with a custom module,
+``InceptionScore`` still multiplies by 255 when ``normalize=True`` (we pass features with ``normalize=False``); KID
+and IS draw ``torch.randperm`` in ``compute()`` (seeded inside ``fork_rng``, so the caller's RNG is untouched); KID's
 ``subset_size`` must not exceed either set (clamped here).
 """
 from __future__ import annotations

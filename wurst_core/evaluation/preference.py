@@ -1,6 +1,6 @@
 """CLIP score and the PickScore procedure with any CLIP as judge (paper §4, "Evaluation Metrics", Table 1).
 
-PickScore (Kirstain et al. 2023; reference: evaluation-and-data.md §2) scores a candidate image for a prompt
+PickScore (Kirstain et al. 2023; docs/reference.md#pickscore) scores a candidate image for a prompt
 as ``logit_scale.exp() * cos(text_emb, image_emb)`` with L2-normalised embeddings, and turns the scores of
 the candidates for one prompt into a preference with a softmax. The paper reports, per other model, "the
 percentage of images where PickScore preferred the image of Würstchen over the image of the other model":
@@ -114,7 +114,7 @@ class ClipJudge:
                           mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                           name: str = "hf_clip") -> "ClipJudge":
         """Wrap a transformers ``CLIPModel``. ``tokenizer``: a transformers CLIP tokenizer, or None for
-        open_clip's BPE, whose ids equal the HF CLIP tokenizer's (evaluation-and-data.md §2)."""
+        open_clip's BPE, whose ids equal the HF CLIP tokenizer's (docs/reference.md#tokenizer)."""
         model = model.eval()
         device = next(model.parameters()).device
         max_len = int(model.config.text_config.max_position_embeddings)
@@ -137,8 +137,7 @@ class ClipJudge:
 
 
 def _pooled(out: Tensor | object) -> Tensor:
-    # transformers >= 5 returns BaseModelOutputWithPooling from get_*_features; the projected embedding is
-    # its pooler_output (evaluation-and-data.md §0). transformers 4 returns the tensor itself.
+    # transformers >= 5 wraps the projected embedding in pooler_output (docs/reference.md#evaluation-metrics)
     return out if isinstance(out, Tensor) else out.pooler_output
 
 

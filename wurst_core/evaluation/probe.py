@@ -4,8 +4,8 @@ The procedural and emoji datasets place one to three objects in distinct cells o
 background, each object inside its cell (data/procedural.py), and every caption states the background and each
 object's attributes and cell. So a scene is exactly: a background, and for each of the 9 cells either "empty" or
 one object with categorical fields (shape, colour, size; or emoji, size). The probe predicts that per cell, which
-makes the comparison with the prompt's attributes exact (the GenEval analogue of evaluation-and-data.md §4, with a
-learned reader in place of a detector):
+makes the comparison with the prompt's attributes exact (a GenEval analogue with a learned reader in place of a
+detector, docs/reference.md#compositional-evaluation):
 
 * per image and attribute, binary (GenEval style): ``count`` (number of objects), ``position`` (the set of
   occupied cells), ``background``, and each object field as a multiset (``shape``: the same shapes, in any cells);
@@ -266,8 +266,8 @@ def train_probe(images: Tensor, attributes: Sequence[Mapping[str, Any]], spec: P
     """Train the probe on real images and their ground truth; returns it in eval mode.
 
     Training is per cell: each step draws ``batch_cells`` cells, half occupied and half empty, from all cells of
-    all images (AdamW, one-cycle learning rate). Deterministic for a seed. 4,000 images at 48 px and 800 steps
-    take ~11 s on one CPU thread and read 99.6% of 500 held-out renders all-correct.
+    all images (AdamW, one-cycle learning rate). Deterministic for a seed; fast and near-exact on real renders
+    (docs/findings.md#measurement-attribute-probe).
     """
     if images.dim() != 4 or images.shape[0] != len(attributes):
         raise ValueError(f"need (N,3,H,W) images and N attribute dicts, got {tuple(images.shape)} and {len(attributes)}")

@@ -6,8 +6,8 @@ position, shape, size or colour), or with the empty caption. The same noise and 
 the relative rise of the loss isolates what the model reads from each attribute: a rise of 0 means that the
 model ignores that attribute (it cannot follow it when sampling), whatever the image quality.
 
-This localises failures of compositional accuracy without sampling: e.g. the tiny Stage C used colour words
-(loss +50-80 % with wrong colours at t = 0.4-0.8) and ignored position words (+0.0 %).
+This localises failures of compositional accuracy without sampling (what it found:
+docs/findings.md#measurement-caption-sensitivity, docs/findings.md#stage-c-steps-and-learning-rate).
 """
 from __future__ import annotations
 

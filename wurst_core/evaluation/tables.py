@@ -1,8 +1,8 @@
 """The paper's Table 1 (pairwise PickScore preference) and Table 2 (cost and quality), and the carbon estimate.
 
 Carbon follows Lacoste et al. (2019) as implemented by the ML CO2 Impact calculator (mlco2/impact
-``js/grayscale.js`` ``setDetails``; evaluation-and-data.md §6): energy, grid intensity and emissions are each rounded to
-two decimals, with no PUE term. The paper's Würstchen figure is 24,602 A100-hours x 0.25 kW (A100 PCIe)
+``js/grayscale.js`` ``setDetails``; docs/reference.md#carbon-estimate): energy, grid intensity and emissions are
+each rounded to two decimals, with no PUE term. The paper's Würstchen figure is 24,602 A100-hours x 0.25 kW (A100 PCIe)
 x 0.37 kg/kWh (AWS us-east-1) = 2,276 kg; SD's model-card figures use 0.30 kg/kWh.
 """
 from __future__ import annotations

@@ -4,9 +4,7 @@ Stage C places objects by attending from each latent cell to the text tokens. Th
 one learned query per grid cell attends over frozen text features (as Stage C's attention does) and predicts the
 cell's content (empty or the object's colour), trained with a clean cross-entropy signal instead of the denoising
 loss. Features from which this reader learns slowly, or not at all, cannot be followed by a prior trained for a
-few thousand steps. Measured on the tiny CLIP (3000 steps of 64 captions), occupied held-out cells read right from
-its last / penultimate layer: 68 / 76 % when only the pooled contrastive loss trained it (it never trains the last
-layer's non-end token states), 88 / 96 % with the token-wise term (``text.ClipTraining.filip``).
+few thousand steps. What it showed on the tiny CLIP: docs/findings.md#text-encoder-token-wise-term.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Building blocks shared by Stage B (DiffNeXt) and Stage C (the prior).
 
-Facts from `shared/reference/official-implementation.md` §3a/§4a and §10 (pitfalls):
+Layouts as released, so the .pt files load unchanged (docs/reference.md#shared-blocks):
 every LayerNorm is ``elementwise_affine=False, eps=1e-6`` (no LN weights in any state dict); the prior's
 ``ResBlock`` concatenates its skip *before* the depthwise conv, Stage B's ``ResBlockStageB`` *after* it;
 attention is ``nn.MultiheadAttention``-shaped (packed ``in_proj_weight``), so the released ``.pt`` files load

@@ -2,10 +2,10 @@
 
 An ImageNet-style backbone (torchvision EfficientNetV2-S ``features``; V2-L for v1) with stride 32 and 1280 output
 channels, followed by a 1x1 conv to 16 channels and an (affine) BatchNorm: ``C_sc`` of the paper, 16 x 24 x 24 for a
-768 px input. The paper resizes 1024 px images bicubically to "786" px; with EfficientNetV2-S that gives 25 x 25
-(every stride-2 conv rounds up), while 768 px gives the 24 x 24 the paper and the released models use, so 768 is the
-default working size (``preprocess``). ``v2_scale`` is the released v2 data scaling ``(f + 1) / 42`` that Stage C
-diffuses (official commit 62fcb00); Stage B takes the raw ``f`` (the pipeline passes ``x * 42 - 1``).
+768 px input. 768 px, not the paper's "786", gives the released 24 x 24 map, so 768 is the default working size
+(``preprocess``; docs/reference.md#compressor-input-size). ``v2_scale`` is the released v2 data scaling
+``(f + 1) / 42`` that Stage C diffuses, undone with ``x * 42 - 1`` before Stage B
+(docs/reference.md#stage-c-latent-scaling).
 """
 from __future__ import annotations
 

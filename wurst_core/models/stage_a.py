@@ -4,7 +4,7 @@ Paper symbols: ``f_Θ`` = ``encode``, ``f_Θ^{-1}`` = ``decode``; ``X_q`` = ``en
 Images (B, 3, H, W) in [0, 1] (no mean/std normalisation) map to latents (B, 4, H/4, W/4). Stage B works in the
 *unquantised* latent space (§3.1: "the quantization is dropped"), divided by ``scale_factor`` = 0.3764 so that the
 latents have roughly unit variance; ``decode`` multiplies it back and never quantises, like the released v2
-decode path (`diffusers-reference.md` §2.3). The codebook (8,192 entries) is only used to train Stage A and for
+decode path (docs/reference.md#stage-a-vqgan). The codebook (8,192 entries) is only used to train Stage A and for
 ``encode(..., quantize=True)`` / ``decode_indices``.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ class StageAConfig:
     c_hidden: int = 384          # width of the deepest level; level i has c_hidden / 2**(levels-1-i)
     c_latent: int = 4
     codebook_size: int = 8192
-    scale_factor: float = 0.3764  # official v2 value (StableCascade ships 0.43 for the same weights)
+    scale_factor: float = 0.3764  # released v2; a new one calibrates its own (docs/reference.md#stage-a-scale-factor)
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.bottleneck_blocks < 1 or self.c_latent < 1 or self.codebook_size < 1:
@@ -43,7 +43,7 @@ class StageAConfig:
 STAGE_A_SIZES: dict[str, StageAConfig] = {
     "paper": StageAConfig(),  # released v2 VQGAN: 18,406,894 parameters
     "tiny": StageAConfig(c_hidden=64, bottleneck_blocks=4, codebook_size=1024),
-    # the diffusers-sized tiny model of `diffusers-reference.md` §3, used by the parity tests
+    # the small sizes of the parity tests against diffusers (docs/reference.md#parity-sizes)
     "parity": StageAConfig(c_hidden=32, bottleneck_blocks=1, codebook_size=16),
 }
 
@@ -121,7 +121,9 @@ class StageA(nn.Module):
         if images.shape[-2] % f or images.shape[-1] % f:
             raise ValueError(f"image height and width must be multiples of {f}, got {tuple(images.shape[-2:])}")
 
-    def _encode_raw(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_unscaled(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the encoder's output before quantisation and scaling (what the codebook and ``scale_factor``
+        are fitted to)."""
         self._check_images(images)
         return self.down_blocks(self.in_block(images))
 
@@ -132,14 +134,14 @@ class StageA(nn.Module):
 
     def encode(self, images: torch.Tensor, quantize: bool = False) -> torch.Tensor:
         """Images in [0, 1] -> latents / scale_factor, (B, c_latent, H/4, W/4); quantised when asked."""
-        z = self._encode_raw(images)
+        z = self.encode_unscaled(images)
         if quantize:
             z = self.vquantizer(z)[0]
         return z / self.config.scale_factor
 
     def encode_full(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Official ``encode``: (quantised / scale, unquantised / scale, indices, vq loss)."""
-        z = self._encode_raw(images)
+        z = self.encode_unscaled(images)
         z_q, indices, loss = self.vquantizer(z)
         s = self.config.scale_factor
         return z_q / s, z / s, indices, loss
@@ -154,9 +156,13 @@ class StageA(nn.Module):
         if indices.ndim != 3 or indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"indices must be an integer tensor of shape (B, h, w), got {indices.dtype} {tuple(indices.shape)}")
         z_q = self.vquantizer.codebook(indices).permute(0, 3, 1, 2)
-        return self.out_block(self.up_blocks(z_q))
+        return self.decode_unscaled(z_q)
+
+    def decode_unscaled(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (the codebook's space) -> images."""
+        return self.out_block(self.up_blocks(z))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass: (reconstruction from the quantised latents, vq loss, indices)."""
-        z_q, indices, loss = self.vquantizer(self._encode_raw(images))
-        return self.out_block(self.up_blocks(z_q)), loss, indices
+        z_q, indices, loss = self.vquantizer(self.encode_unscaled(images))
+        return self.decode_unscaled(z_q), loss, indices

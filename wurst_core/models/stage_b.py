@@ -66,13 +66,11 @@ class StageBConfig:
 
 STAGE_B_SIZES: dict[str, StageBConfig] = {
     "paper": StageBConfig(),  # released v2 decoder (warp-ai/wuerstchen): 1,055,365,280 parameters
-    # tiny: 16 x 16 latents of 64 px images. patch_size 1 keeps a full-resolution level (with patch 2 and four
-    # levels, 2000 CPU steps gave 23.1 dB reconstructions with wrong colours; this gives 24.7 dB, colours right);
-    # a stream of fresh images, so no dropout (it also costs ~15 % of a CPU step)
+    # tiny: patch 1 keeps a full-resolution level; fresh images, so no dropout (docs/findings.md#stage-b-patch-size)
     "tiny": StageBConfig(c_cond=64, patch_size=1, c_hidden=(32, 64, 128), nhead=(-1, -1, 4), blocks=(1, 2, 2),
                          level_config=("CT", "CT", "CTA"), inject_effnet=(False, True, True), dropout=0.0,
                          clip_embd=128),
-    # the diffusers-sized tiny model of `diffusers-reference.md` §3, used by the parity tests
+    # the small sizes of the parity tests against diffusers (docs/reference.md#parity-sizes)
     "parity": StageBConfig(c_cond=32, c_hidden=(16, 32, 32, 32), nhead=(-1, 2, 2, 2), blocks=(1, 1, 2, 1),
                            clip_embd=24),
 }

@@ -43,7 +43,7 @@ STAGE_C_SIZES: dict[str, StageCConfig] = {
     "paper-16": StageCConfig(c=1280, c_cond=1024, depth=16, nhead=16),  # the paper's 16-block text, CLIP-H
     "v1": StageCConfig(c_cond=1024),  # v1 prior (CLIP-H): 993,243,680 parameters
     "tiny": StageCConfig(c=128, c_cond=128, depth=8, nhead=4, dropout=0.0),  # fresh images each step: no dropout
-    # the diffusers-sized tiny model of `diffusers-reference.md` §3, used by the parity tests
+    # the small sizes of the parity tests against diffusers (docs/reference.md#parity-sizes)
     "parity": StageCConfig(c=32, c_cond=32, depth=2, nhead=2),
 }
 

@@ -20,8 +20,8 @@ from ..params import PROFILES, choice, param
 
 NETWORK_NAMES = {"a": "Stage A (VQGAN)", "semantic": "Semantic Compressor", "b": "Stage B (DiffNeXt)",
                  "c": "Stage C (prior)"}
-STAGE_C_RESOLUTION_MULTIPLE = 42.67  # released pipeline: Stage C latent side = ceil(H / 42.67) (diffusers)
-SEMANTIC_RESIZE = 0.75               # paper §3.1: 1024 px images are resized to 768 px for the compressor
+STAGE_C_RESOLUTION_MULTIPLE = 42.67  # Stage C latent side = ceil(H / 42.67) (docs/reference.md#resolution-rules)
+SEMANTIC_RESIZE = 0.75               # 1024 -> 768 px for the compressor (docs/reference.md#compressor-input-size)
 
 
 @dataclass(frozen=True)

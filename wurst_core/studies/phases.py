@@ -72,11 +72,10 @@ class PhaseParams:
 _COMMON = {
     "smoke": dict(resolution=64, n_train=32, n_val=16, steps=3, batch_size=8, warmup_steps=1, lr_schedule="constant",
                   ema_beta=0.9, size="parity", workers=1),
-    # workers=2: both cores of the 2-core CPU machine, one process each (`training.fit_processes`): Stage C steps 1.45x
-    # faster (285 -> 197 ms), where 2 intra-op threads gave 1.4x alone and were 2.5x slower beside another job
+    # workers=2: one single-threaded process per core beats intra-op threads (docs/findings.md#tiny-profile-two-workers)
     "tiny": dict(resolution=64, n_train=200_000, n_val=256, batch_size=32, lr_schedule="cosine", ema_beta=0.995,
                  size="tiny", workers=2),
-    # paper (official §6a): AdamW lr 1e-4, 10k linear warm-up then constant, EMA beta 0.9 every 100 after 5k
+    # paper: the released recipe (docs/reference.md#training-recipe)
     "paper": dict(resolution=1024, n_train=10**9, n_val=1000, batch_size=1280, lr=1e-4, warmup_steps=10_000,
                   lr_schedule="constant", ema_beta=0.9, size="paper", steps=1_500_000, workers=1),  # torchrun: 1/GPU
 }

@@ -63,8 +63,9 @@ class SamplingParams:
 
 def random_pipeline(profile: str = "tiny", seed: int = 0) -> Pipeline:
     """Untrained networks (size "tiny"; "parity" for smoke) and a random tiny CLIP: the sampling machinery without a
-    model. The official inits zero the output heads, GRN and timestep mappers; those tensors get N(0, 0.02²) so
-    that text, guidance and the compressor map change the images (the A/B head stays near B = 0)."""
+    model. The released inits zero the output heads, GRN and timestep mappers (docs/reference.md#initialisation);
+    those tensors get N(0, 0.02²) so that text, guidance and the compressor map change the images (the A/B head stays
+    near B = 0)."""
     clip_cfg = TINY_CLIP_SIZES["smoke" if profile == "smoke" else "tiny"]
     text = TextEncoder.from_clip(create_tiny_clip(clip_cfg, seed), clip_cfg.name)
     size = "parity" if profile == "smoke" else "tiny"
@@ -192,7 +193,7 @@ def resample_study(pipe: Pipeline, images: Tensor, captions: list[str], strength
     the image's layout stops surviving is where the prior decides it. Table: PSNR to the original and mean
     |Stage C sample - the image's scaled compressor map|."""
     with torch.no_grad():
-        target = pipe.scale_stage_c(pipe._compressor_embeds(images)[0])
+        target = pipe.scale_stage_c(pipe.compressor_embeds(images)[0])
     rows, table = [], []
     for strength in strengths:
         last: dict[str, Tensor] = {}

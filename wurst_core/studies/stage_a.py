@@ -31,7 +31,7 @@ class StageAParams(PhaseParams):
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
         own = {"smoke": dict(steps=3, lr=1e-3, reset_every=2, crop=64),
-               # 32 px crops: a quarter of the compute per step; 1500 steps gave 29.2 dB on whole 64 px images
+               # 32 px crops: a quarter of the compute per step (docs/findings.md#stage-a-crops)
                "tiny": dict(steps=1200, lr=2e-3, warmup_steps=100, reset_every=100, crop=32),
                "paper": dict(resolution=256, batch_size=256, reset_every=1000, crop=256)}[profile]
         return {**_COMMON[profile], **own}
@@ -47,10 +47,7 @@ def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResu
     task = StageATask(model, l1_weight=p.l1_weight, reset_every=p.reset_every,
                       reset_until=p.steps * p.grad_accum // 2, crop=p.crop)
     history, train_seconds = _fit_phase(task, p, run, "a", train, progress)
-    # Stage B diffuses encode(x) = z / scale_factor. The released 0.3764 belongs to the released VQGAN; a new one
-    # gets the std of its own latents (as Stable Diffusion's scale factor), so that Stage B sees unit variance: with
-    # std 2.4 instead, the cosine schedule leaves so much signal at t ~ 1 that the eps-parameterised x0 estimate
-    # there is useless and Stage B's samples lose their objects.
+    # unit-variance latents for Stage B; the released 0.3764 fits only its VQGAN (docs/findings.md#stage-a-scale-factor)
     calibrate_scale_factor(model, train.head(512))
     metrics = stage_a_metrics(model, val["image"])
     metrics.update(train_seconds=train_seconds, wall_seconds=time.time() - t0, steps=p.steps,
@@ -70,7 +67,7 @@ def train_stage_a(p: StageAParams, run: Run, progress: bool = True) -> PhaseResu
 def calibrate_scale_factor(model: StageA, images: torch.Tensor) -> float:
     """Set ``model.config.scale_factor`` to the std of the unquantised latents of ``images``, so that
     ``model.encode`` returns unit-variance latents (rounded to 4 decimals); returns it."""
-    scale = round(_batched(model._encode_raw, images).std().item(), 4)
+    scale = round(_batched(model.encode_unscaled, images).std().item(), 4)
     model.config = dataclasses.replace(model.config, scale_factor=scale)
     return scale
 
@@ -79,7 +76,7 @@ def calibrate_scale_factor(model: StageA, images: torch.Tensor) -> float:
 def stage_a_metrics(model: StageA, images: torch.Tensor) -> dict[str, float]:
     rec = _batched(lambda x: model.decode(model.encode(x)), images)
     rec_q = _batched(lambda x: model.decode(model.encode(x, quantize=True)), images)
-    idx = _batched(lambda x: model.quantize(model._encode_raw(x))[1], images)
+    idx = _batched(lambda x: model.quantize(model.encode_unscaled(x))[1], images)
     counts = torch.bincount(idx.flatten(), minlength=model.config.codebook_size).float()
     prob = counts / counts.sum()
     return {"psnr": psnr(rec, images).mean().item(), "psnr_quantized": psnr(rec_q, images).mean().item(),

@@ -30,8 +30,8 @@ class StageBParams(PhaseParams):
     compressor: str = params.choice("", *SEMANTIC_SIZES)  # tiny: a small CNN; paper: EfficientNetV2-S
     compressor_weights: str = ""    # optional local file with ImageNet (or released) compressor weights
     compressor_stages: int = param(0, ge=0, le=8)  # tiny backbone: stride-2 stages, 3: 64 px -> 8 x 8 (0: its own)
-    sc_size: int = param(0, ge=8, le=4096)   # compressor input size (paper §3.1: 786/768 px -> 24 x 24)
-    p_drop_sc: float = param(0.05, ge=0, le=1)   # released recipe: 5 % of the compressor embeddings dropped (CFG)
+    sc_size: int = param(0, ge=8, le=4096)   # compressor input size (docs/reference.md#compressor-input-size)
+    p_drop_sc: float = param(0.05, ge=0, le=1)   # released: 5 % dropped (docs/reference.md#conditioning-dropout)
     p_noise_sc: float = param(0.3, ge=0, le=1)   # ... 30 % noised with t ~ U(0, 0.5)
     p_drop_text: float = param(0.05, ge=0, le=1)
     sample_steps: int = param(0, ge=1, le=1000)  # Stage B sampling steps for the reconstructions (paper: tau_B = 12)
@@ -40,11 +40,8 @@ class StageBParams(PhaseParams):
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
         own = {"smoke": dict(steps=3, lr=1e-3, compressor="tiny", sc_size=64, sample_steps=2, decoder_guidance=2.0),
-               # 64 px images, four stride-2 stages: 4 x 4 x 16 latents (16:1 per side; 42:1 would leave 1.5 x 1.5).
-               # 1700 steps: 2000 gave 0.9 dB more reconstruction PSNR than 1600, but Stage C gains more from the time
-               # guidance 2 on the compressor map (5 % of it dropped in training) keeps the small objects that the
-               # unguided tiny Stage B drops: reconstructions A(B(sc(x))) had the prompt's objects in the right cells
-               # for 88 % of held-out images instead of 65 % (probe, 256 images; guidance 4: 66 %)
+               # 4 x 4 maps (16:1) and 1700 steps fit the CPU budget (docs/findings.md#tiny-profile-scale-and-budget)
+               # guidance 2 keeps the small objects an unguided tiny Stage B drops (docs/findings.md#guidance-stage-b)
                "tiny": dict(steps=1700, lr=1e-3, warmup_steps=100, compressor="tiny", compressor_stages=4, sc_size=64,
                             sample_steps=12, decoder_guidance=2.0),
                "paper": dict(compressor="paper", sc_size=768, sample_steps=12, decoder_guidance=0.0)}[profile]

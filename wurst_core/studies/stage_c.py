@@ -35,7 +35,8 @@ class StageCParams(PhaseParams):
     size: str = params.choice("", *STAGE_C_SIZES)
     latent_scaling: str = params.choice("", "v2", "std", "none")  # v2: (f+1)/42 as released | std: unit variance
     p_drop_text: float = param(0.05, ge=0, le=1)  # paper §3.2: text dropped 5 % of the time (CFG)
-    loss_weight: str = params.choice("p2", *LOSS_WEIGHTS)  # paper §3.2: p2 weighting
+    # p2 = 1 - alpha_bar as released, not the form the paper prints (docs/reference.md#released-objective)
+    loss_weight: str = params.choice("p2", *LOSS_WEIGHTS)
     t_sampler: str = params.choice("", *T_SAMPLERS)  # stretched (released, 7.5 % at t = 1) | uniform
     noise_shift: float = param(0.0, gt=0, le=64)  # logSNR shift of the training t: 1 = Würstchen v2, > 1 noisier
     text_layer: str = params.choice("", *LAYERS)  # text hidden states Stage C reads (released v2: last)
@@ -46,25 +47,14 @@ class StageCParams(PhaseParams):
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
-        released = dict(t_sampler="stretched", noise_shift=1.0, guidance=4.0, text_layer="last")  # official §5a
+        # the released v2 prior (docs/reference.md#released-objective, docs/reference.md#released-sampling-settings)
+        released = dict(t_sampler="stretched", noise_shift=1.0, guidance=4.0, text_layer="last")
         own = {"smoke": dict(steps=3, lr=1e-3, latent_scaling="std", sample_steps=2, layout_probe_steps=20,
                              **{**released, "text_layer": "penultimate"}),
-               # Stage C is the stage still far from converged in the CPU budget: from 2000 to 3000 steps the loss rise
-               # when the caption's positions are swapped went 0.07 -> 0.15, colours 0.35 -> 0.83; lr 2e-3 gave 0.19
-               # at 3000 steps, 3e-3 0.13 (`caption_sensitivity`, same upstream stages)
-               # A 4 x 4 prior decides where objects go at high noise (t ~ 0.7-0.95), where the eps loss barely sees it:
-               # training t shifted to more noise (logSNR - 2 log 2, uniform t) doubled the loss rise on swapped
-               # positions, 0.17 -> 0.31; sampled on the same shift, probe cell IoU went 21 -> 29 % (same upstream)
-               # Two worker processes (`workers`) give 4300 steps in the time 2600 took: from 2600 to 4500 steps the
-               # loss rise on swapped positions went 0.31 -> 0.72, colours 0.85 -> 1.38 (same upstream; a shift of 4
-               # at 4500 steps: 0.70 and 1.21). Guidance 2 instead of 4 (with Stage B's guidance 2): probe count
-               # 57 -> 68 %, position 13 -> 16 %, colour 38 -> 42 %, size 43 -> 56 % (256 held-out prompts; 3: 65, 16,
-               # 40, 49; 6: 45, 11, 32, 35)
-               # Stage C on oracle layout tokens (one per grid cell, parsed from the caption) instead of the tiny CLIP's,
-               # same recipe: probe position 80.5 %, cell IoU 90 % against 19.5 and 41 % (256 held-out prompts): the text
-               # features were the limit. With the CLIP's token-wise term (text.ClipTraining.filip), Stage C reading
-               # the penultimate layer: position 34.0 %, cell IoU 54.0 %, colour 62.5 %; the last layer: 25.8, 45.1,
-               # 57.8 % (the layout probe reads the penultimate layer better too: 96 against 88 % of occupied cells)
+               # 4300 steps at lr 2e-3: Stage C gains most from time (docs/findings.md#stage-c-steps-and-learning-rate)
+               # uniform t, logSNR shift 2: placement is decided at high noise (docs/findings.md#stage-c-noise-shift)
+               # guidance 2, not 4: more prompts get their counts right (docs/findings.md#guidance-stage-c)
+               # penultimate text layer: the layout reads better from it (docs/findings.md#text-encoder-text-layer)
                "tiny": dict(steps=4300, lr=2e-3, warmup_steps=100, latent_scaling="std", sample_steps=30,
                             t_sampler="uniform", noise_shift=2.0, guidance=2.0, text_layer="penultimate",
                             layout_probe_steps=3000),

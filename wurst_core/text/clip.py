@@ -67,9 +67,7 @@ class TinyClipConfig:
 # The token table (49,408 x text_width) dominates: 6.3 M of the tiny model's 7.2 M parameters.
 TINY_CLIP_SIZES: dict[str, TinyClipConfig] = {
     "smoke": TinyClipConfig(vision_layers=1, text_layers=1),
-    # The longest procedural caption has 36 BPE tokens, the longest emoji caption 42. The causal mask makes the first
-    # 48 outputs of a 77-position tower equal to those of a 48-position one, so the shorter context only drops padding
-    # positions, which Stages B and C would otherwise attend to: -20 % of a tiny Stage C training step.
+    # 48 positions: same outputs, less padding for Stages B and C (docs/findings.md#text-encoder-48-token-positions)
     "tiny": TinyClipConfig(context_length=48),
     "paper": TinyClipConfig(embed_dim=256, vision_width=256, vision_layers=6, vision_head_width=64, text_width=256,
                             text_heads=4, text_layers=6),
@@ -88,10 +86,8 @@ class ClipTraining:
     pool: int = 4096      # rendered training images, re-used across epochs (rendering would dominate on CPU)
     eval_size: int = 256  # held-out (split="val") items for retrieval
     # Hard negatives: this fraction of each batch are counterfactual twins of the other items (the same scene with
-    # its objects moved to other cells, data.procedural.counterfactual). Without them the tiny CLIP separates
-    # captions by colour and background alone: after 300 steps its held-out position twin accuracy was 0.49 (chance
-    # 0.5; colour 1.00), so Stage C, conditioned on its tokens, had no position to follow. With position twins,
-    # 1,000 steps reach 0.96 (position and shape twins: 0.74; twin_accuracy below).
+    # its objects moved to other cells, data.procedural.counterfactual); without them the tiny CLIP ignores where
+    # objects are (docs/findings.md#text-encoder-position-twins).
     twins: float = 0.5
     twin_kinds: tuple[str, ...] = ("position",)
     # Weight of a token-wise (FILIP, Yao et al. 2022) contrastive term beside the pooled one: each caption token is
@@ -109,14 +105,7 @@ class ClipTraining:
             raise ValueError(f"twin_kinds must be a non-empty subset of {COUNTERFACTUALS}, got {self.twin_kinds}")
 
 
-# tiny, measured on one CPU core (another job beside it): 1000 steps with position twins in 635 s, held-out t2i top-1
-# 0.92 over 256 pairs, position twin accuracy 0.96 (300 steps without twins: 0.80 and 0.49).
-# The token-wise term (filip) makes the layout readable from the token states, which Stage C cross-attends to: the
-# layout probe of 05_stage_c (9 learned queries over frozen tokens, held-out occupied cells right after 300 / 1000 /
-# 3000 steps) read the last layer 17 / 48 / 68 % without it and 25 / 72 / 88 % with it (penultimate layer: 24 / 51
-# / 76 % and 28 / 65 / 96 %); retrieval and twin accuracy stayed the same (t2i top-1 0.92, position twins 0.95).
-# It costs 0.36 s a step on one core (1000 steps: 920 s against 559 s; the whole batch of 128 instead of
-# filip_batch 64 would cost 2.9 s a step).
+# filip on: the layout becomes readable from every token the prior reads (docs/findings.md#text-encoder-token-wise-term)
 CLIP_TRAINING: dict[str, ClipTraining] = {
     "smoke": ClipTraining(steps=20, batch_size=32, pool=256, eval_size=64, warmup=5, filip=1.0),
     "tiny": ClipTraining(steps=1000, batch_size=128, pool=8192, eval_size=256, filip=1.0),
@@ -145,9 +134,8 @@ def create_tiny_clip(cfg: TinyClipConfig, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if cfg.context_length == CONTEXT_LENGTH:
         return open_clip.create_model(name, pretrained=None, output_dict=True)
-    # The weights of a shorter-context CLIP are the first rows of the 77-position initialisation: with the causal
-    # mask it then trains exactly as the 77-position one (the loss reads the end token only). A fresh draw was a
-    # different network: its position twin accuracy came out 0.61 instead of 0.96 (the tiny CLIP is init-sensitive).
+    # Start from the first rows of the 77-position init, which then trains exactly as the 77-position one under the
+    # causal mask: the tiny CLIP is init-sensitive (docs/findings.md#text-encoder-initialisation)
     full = open_clip.create_model(register_tiny_clip(dataclasses.replace(cfg, context_length=CONTEXT_LENGTH)),
                                   pretrained=None, output_dict=True)
     model = open_clip.create_model(name, pretrained=None, output_dict=True)

@@ -3,7 +3,7 @@
 Würstchen conditions Stages B and C on *un-pooled* CLIP text embeddings (paper §4: CLIP-H; released v2
 Stage C: CLIP-bigG), all 77 token vectors of the final layer after the final LayerNorm: HF
 ``CLIPTextModel(...).last_hidden_state`` with ``padding="max_length"`` and the attention mask passed
-(reference/official-implementation.md §6a, diffusers-reference.md §2.2). StableCascade (v3) instead takes the last
+(docs/reference.md#text-conditioning). StableCascade (v3) instead takes the last
 layer *before* the final norm (HF ``hidden_states[-1]``), here ``layer="pre_norm"``; SD2's penultimate layer
 (``ln_final`` of layer L-1) is ``layer="penultimate"``.
 
@@ -328,7 +328,7 @@ def to_hf(encoder: TextEncoder, with_projection: bool = False) -> tuple[Any, nn.
 
 
 def char_tokenizer(context_length: int = CONTEXT_LENGTH) -> Any:
-    """An offline transformers ``CLIPTokenizer`` over a character vocabulary (diffusers-reference.md §3), for
+    """An offline transformers ``CLIPTokenizer`` over a character vocabulary (docs/reference.md#tokenizer), for
     random-weight parity tests and benchmarks: prompts still pad to 77 tokens with ``<|endoftext|>``."""
     import string
 

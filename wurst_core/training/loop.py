@@ -50,19 +50,20 @@ class ResumeMismatch(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings shared by every stage. Defaults are the released recipe (official §6a)."""
+    """Optimisation settings shared by every stage. Defaults are the released recipe
+    (docs/reference.md#training-recipe)."""
 
-    steps: int = 1_500_000            # official: 1.5M updates
+    steps: int = 1_500_000            # 1.5M updates
     batch_size: int = 1280            # global batch (Stage C: 20*8*8)
     lr: float = 1e-4                  # AdamW lr 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01        # torch AdamW default, as the official scripts
+    weight_decay: float = 0.01        # torch AdamW default, as released
     warmup_steps: int = 10_000        # GradualWarmupScheduler(total_epoch=10000): linear, then constant
-    lr_schedule: str = "constant"     # "constant" (official) | "cosine" (decay to min_lr_ratio after warm-up)
+    lr_schedule: str = "constant"     # "constant" (released) | "cosine" (decay to min_lr_ratio after warm-up)
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema_beta: float = 0.9             # official: start 5000, every 100 its, beta 0.9
+    ema_beta: float = 0.9             # start 5000, every 100 steps, beta 0.9
     ema_every: int = 100
     ema_start: int = 5000
     ckpt_every: int = 1000
@@ -170,7 +171,7 @@ def sample_generators(seed: int, step: int, rows: list[int]) -> list[torch.Gener
 
 
 class EMA:
-    """Exponential moving average of a module's trainable parameters (official: beta 0.9 every 100 its)."""
+    """Exponential moving average of a module's trainable parameters (released: beta 0.9 every 100 steps)."""
 
     def __init__(self, module: nn.Module):
         self.shadow = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}

@@ -90,9 +90,9 @@ class StageATask(nn.Module):
         x = batch["image"]
         if self.crop and self.crop < min(x.shape[-2:]):
             x = random_crops(x, self.crop, gens)
-        z = self.stage_a._encode_raw(x)
+        z = self.stage_a.encode_unscaled(x)
         z_q, indices, vq_loss = self.stage_a.quantize(z)
-        recon = self.stage_a.out_block(self.stage_a.up_blocks(z_q))
+        recon = self.stage_a.decode_unscaled(z_q)
         mse = F.mse_loss(recon, x)
         loss = mse + vq_loss + (self.l1_weight * F.l1_loss(recon, x) if self.l1_weight else 0.0)
         counts = torch.bincount(indices.flatten(), minlength=self.usage.numel()).float()
@@ -130,8 +130,9 @@ class StageATask(nn.Module):
 class StageBTask(nn.Module):
     """Stage B: diffusion in Stage A's unquantised latent space, conditioned on text and on the Semantic Compressor,
     which trains jointly (paper §3.1). The compressor's embeddings are dropped (zeros) for ``p_drop_sc`` of the samples
-    and otherwise noised for ``p_noise_sc`` of them with t ~ U(0, ``noise_sc_max_t``) (released recipe: 5 %, 30 %, 0.5)
-    so that Stage B tolerates Stage C's imperfect samples; captions are dropped for ``p_drop_text``."""
+    and otherwise noised for ``p_noise_sc`` of them with t ~ U(0, ``noise_sc_max_t``), as released
+    (docs/reference.md#conditioning-dropout), so that Stage B tolerates Stage C's imperfect samples; captions are
+    dropped for ``p_drop_text``."""
 
     def __init__(self, stage_b: nn.Module, stage_a: nn.Module, compressor: SemanticCompressor, text: TextCache,
                  diffusion: Diffusion = Diffusion(), sc_size: int | None = None, p_drop_sc: float = 0.05,
