@@ -1,14 +1,19 @@
-"""Diffusion maths of Würstchen v2: cosine schedule, forward noising, training-time t, eps target, loss weights.
+"""Diffusion maths of Würstchen v2: cosine schedule, forward noising, training-time t, targets, loss weights.
 
 Paper §3.2; the released objective and StableCascade's shift: docs/reference.md#released-objective,
 docs/reference.md#noise-shift. Symbols:
 
 - ``t`` in [0, 1] is continuous time, ``t = 1`` is pure noise; the networks receive it as ``r``.
 - ``alpha_bar(t) = clamp(cos²((t+s)/(1+s)·π/2) / cos²(s/(1+s)·π/2), 1e-4, 0.9999)`` with ``s = 0.008``.
-- ``x_t = sqrt(alpha_bar)·x0 + sqrt(1 - alpha_bar)·eps`` (paper §3.2), target = ``eps``.
+- ``x_t = sqrt(alpha_bar)·x0 + sqrt(1 - alpha_bar)·eps`` (paper §3.2).
 
-The A/B head (``eps = (x_t - A) / (|1 - B| + 1e-5)``) and its plain-noise ablation live in the Stage C model: both
-predict ``eps``, so the maths here is the same for either.
+The objective is composed, as in StableCascade's GDF: schedule x training target x loss weight x t sampler. The
+target is what the network is trained to output: ``eps`` (released, paper §3.2), ``v = sqrt(ab)·eps -
+sqrt(1-ab)·x0`` (v-prediction, Salimans & Ho 2022) or ``x0``; ``output_to_eps`` / ``output_to_x0`` turn any of them
+back into a noise or a data estimate, so the eps samplers run every target (``samplers.eps_denoiser``).
+
+The A/B head (``eps = (x_t - A) / (|1 - B| + 1e-5)``) and its plain-output ablation live in the Stage C model: both
+are a network *output*, so the maths here is the same for either.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from torch import Tensor
 
 LOSS_WEIGHTS = ("p2", "p2_paper", "constant")
 T_SAMPLERS = ("stretched", "uniform")
+TARGETS = ("eps", "v", "x0")
 
 
 @dataclass(frozen=True)
@@ -139,24 +145,81 @@ def loss_weight(t: Tensor, kind: str = "p2", schedule: CosineSchedule = CosineSc
     return torch.ones_like(ab)
 
 
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def training_target(x0: Tensor, noise: Tensor, t: Tensor, target: str = "eps",
+                    schedule: CosineSchedule = CosineSchedule()) -> Tensor:
+    """What a network trained on ``target`` should output for ``x_t = diffuse(x0, t, noise)``; ``t`` has shape (B,).
+
+    ``eps``: ``noise`` itself (the same tensor, so the released loss is computed exactly as before);
+    ``v``: ``sqrt(ab)·noise - sqrt(1-ab)·x0``; ``x0``: ``x0`` itself.
+    """
+    _check_target(target)
+    if target == "eps":
+        return noise
+    if target == "x0":
+        return x0
+    ab = _expand(schedule.alpha_bar(t).to(x0.device), x0)
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+def output_to_eps(out: Tensor, x_t: Tensor, t: Tensor, target: str = "eps",
+                  schedule: CosineSchedule = CosineSchedule()) -> Tensor:
+    """A network output under ``target`` as a noise estimate at ``(x_t, t)``.
+
+    ``v``: ``eps = sqrt(ab)·v + sqrt(1-ab)·x_t``; ``x0``: ``eps = (x_t - sqrt(ab)·x0) / sqrt(1-ab)`` (ill-conditioned
+    near t = 0, where ``1 - ab`` -> 1e-4); ``eps``: ``out`` unchanged.
+    """
+    _check_target(target)
+    if target == "eps":
+        return out
+    ab = _expand(schedule.alpha_bar(t).to(x_t.device), x_t)
+    if target == "v":
+        return ab.sqrt() * out + (1 - ab).sqrt() * x_t
+    return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+
+
+def output_to_x0(out: Tensor, x_t: Tensor, t: Tensor, target: str = "eps",
+                 schedule: CosineSchedule = CosineSchedule()) -> Tensor:
+    """A network output under ``target`` as a data estimate at ``(x_t, t)``.
+
+    ``eps``: ``predict_x0`` (ill-conditioned near t = 1, where ``ab`` -> 1e-4); ``v``: ``x0 = sqrt(ab)·x_t -
+    sqrt(1-ab)·v``; ``x0``: ``out`` unchanged.
+    """
+    _check_target(target)
+    if target == "eps":
+        return predict_x0(x_t, out, t, schedule)
+    if target == "x0":
+        return out
+    ab = _expand(schedule.alpha_bar(t).to(x_t.device), x_t)
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * out
+
+
 @dataclass(frozen=True)
 class Diffusion:
-    """Schedule + loss weight + training t sampler: the whole training objective of Stage B and Stage C.
+    """Schedule + training target + loss weight + training t sampler: the whole training objective of Stage B and
+    Stage C, each part chosen independently (StableCascade GDF style). The defaults are Würstchen v2's.
 
     ``loss(model_fn, x0, *cond, **cond_kw)`` draws ``t`` then ``noise`` from ``generator`` (in that order), noises
     ``x0``, calls ``model_fn(x_t, r, *cond, **cond_kw)`` (``r = schedule.noise_cond(t)``) and returns the per-sample
-    weighted MSE to the noise, shape (B,): take ``.mean()`` for the batch loss.
+    weighted MSE to ``training_target`` (the noise for ``eps``), shape (B,): take ``.mean()`` for the batch loss.
+    To sample a network trained on another target, wrap it with ``samplers.eps_denoiser``.
     """
 
     schedule: CosineSchedule = CosineSchedule()
     weight: str = "p2"
     t_sampler: str = "stretched"
+    target: str = "eps"  # last, so positional construction of the earlier fields keeps working
 
     def __post_init__(self) -> None:
         if self.weight not in LOSS_WEIGHTS:
             raise ValueError(f"loss weight must be one of {LOSS_WEIGHTS}, got {self.weight!r}")
         if self.t_sampler not in T_SAMPLERS:
             raise ValueError(f"t sampler must be one of {T_SAMPLERS}, got {self.t_sampler!r}")
+        _check_target(self.target)
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
@@ -168,9 +231,18 @@ class Diffusion:
     def loss_weight(self, t: Tensor) -> Tensor:
         return loss_weight(t, self.weight, self.schedule)
 
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        return training_target(x0, noise, t, self.target, self.schedule)
+
+    def to_eps(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return output_to_eps(out, x_t, t, self.target, self.schedule)
+
+    def to_x0(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        return output_to_x0(out, x_t, t, self.target, self.schedule)
+
     def loss(self, model_fn: Callable[..., Tensor], x0: Tensor, *cond: Any, generator: torch.Generator | None = None,
              t: Tensor | None = None, noise: Tensor | None = None, **cond_kw: Any) -> Tensor:
-        """Per-sample ``weight(t) · mean((model_fn(x_t, r, ...) - noise)²)``; ``t``/``noise`` override the draws."""
+        """Per-sample ``weight(t) · mean((model_fn(x_t, r, ...) - target)²)``; ``t``/``noise`` override the draws."""
         b = x0.shape[0]
         if t is None:
             t = self.sample_t(b, generator, x0.device)
@@ -182,5 +254,6 @@ class Diffusion:
         pred = model_fn(x_t, self.schedule.noise_cond(t).to(x0.device), *cond, **cond_kw)
         if pred.shape != noise.shape:
             raise ValueError(f"model output {tuple(pred.shape)} does not match the noise {tuple(noise.shape)}")
-        mse = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+        target = self.training_target(x0, noise, t)  # `noise` itself for eps: the released floats, unchanged
+        mse = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return mse * self.loss_weight(t).to(mse.device)

@@ -1,5 +1,7 @@
 """Samplers as functions over a denoiser ``eps = denoise(x, r, **cond)`` (k-diffusion style).
 
+- ``eps_denoiser``: wraps a network trained on another target (``v``, ``x0``) into such an eps denoiser, so the
+  steps below serve every target of ``objective.TARGETS`` unchanged.
 - ``ddpm_step``: ancestral DDPM, the paper's sampler (§3.3) and diffusers' ``DDPMWuerstchenScheduler.step``,
   written with the same operations in the same order so that results are bit-identical in float32.
 - ``ddim_step``: DDIM (Song et al. 2021), deterministic for ``eta = 0``; ``eta = 1`` is the DDPM posterior again.
@@ -12,13 +14,14 @@ result is moved to the target device (as diffusers' ``randn_tensor``).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .objective import CosineSchedule, _expand
+from .objective import CosineSchedule, _check_target, _expand, output_to_eps
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -30,6 +33,28 @@ DEFAULT_STAGE_C_TIMESTEPS: tuple[float, ...] = tuple(
 
 Denoiser = Callable[..., Tensor]
 Callback = Callable[[int, Tensor, Tensor], Any]
+
+
+def eps_denoiser(denoise: Denoiser, target: str = "eps", schedule: CosineSchedule = CosineSchedule()) -> Denoiser:
+    """``denoise(x, r, ...)`` returning an output under ``target`` -> a denoiser returning eps (``output_to_eps``).
+
+    ``eps``: ``denoise`` itself (the released path, untouched). Otherwise the wrapper sees only ``r`` (the noise
+    condition), so it takes ``alpha_bar`` as the *unshifted* schedule at ``r``: ``r = noise_cond(t)`` is defined by
+    that equality (docs/reference.md#noise-shift), exact at shift 1 (``r = t``), up to float rounding otherwise.
+    Guidance stays a lerp of eps: the conversion is affine in the output, so guiding eps or the raw output agree.
+    """
+    _check_target(target)
+    if target == "eps":
+        return denoise
+    at_r = dataclasses.replace(schedule, shift=1.0)  # alpha_bar(t) of the shifted schedule = unshifted alpha_bar(r)
+
+    def eps_of(x: Tensor, r: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = denoise(x, r, *args, **kwargs)
+        if out.shape != x.shape:
+            raise ValueError(f"denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}")
+        return output_to_eps(out, x, torch.as_tensor(r, device=x.device).expand(x.shape[0]), target, at_r)
+
+    return eps_of
 
 
 def make_timesteps(steps: int | Sequence[float] | Tensor, device: torch.device | str = "cpu") -> Tensor:

@@ -4,7 +4,9 @@ A flat stack (no down/up-sampling: "further compression [is] harmful", §3.4) of
 [ConvNeXt ``ResBlock``, ``TimestepBlock``, ``AttnBlock``] at the latent resolution (24 x 24 for 1024 px). The text
 tokens (CLIP ``last_hidden_state``, (B, 77, c_cond)) go through ``cond_mapper`` and are the keys/values of every
 attention block, together with the feature-map tokens (self-attention concatenation). Output: the A/B head of §3.2,
-``eps = (x - A) / (|1 - B| + 1e-5)``, so that a zero-initialised head returns the input.
+``eps = (x - A) / (|1 - B| + 1e-5)``, so that a zero-initialised head returns the input. ``StageC(cfg, head="plain")``
+is the ablation the paper argues against: the output conv gives the estimate directly (``c_in`` channels, zero at
+init), same state-dict keys; the head is not part of ``StageCConfig`` (whose fields are exported to diffusers).
 
 Sizes: ``paper`` is the released v2 prior (c 1536, depth 32, c_cond 1280 for CLIP-bigG, 993,636,896 parameters);
 ``paper-16`` is the paper's text ("16 ConvNeXt blocks", c 1280, CLIP-H 1024), which is also diffusers' default.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, check_input, expand_r, r_embedding
 
@@ -48,12 +50,26 @@ STAGE_C_SIZES: dict[str, StageCConfig] = {
 }
 
 
-class StageC(nn.Module):
-    """``model(x, r, text_tokens) -> eps``; state-dict keys and shapes are those of ``model_v2_stage_c.pt``."""
+HEADS = ("ab", "plain")
 
-    def __init__(self, config: StageCConfig = StageCConfig()) -> None:
+
+def ab_head(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The A/B head of paper §3.2: ``(x - A) / (|1 - B| + 1e-5)``; A = B = 0 returns the input ``x``."""
+    return (x - a) / ((1 - b).abs() + 1e-5)
+
+
+class StageC(nn.Module):
+    """``model(x, r, text_tokens) -> eps``; state-dict keys and shapes are those of ``model_v2_stage_c.pt``.
+
+    ``head``: ``"ab"`` (released, paper §3.2) or ``"plain"`` (the output conv's ``c_in`` channels are the output).
+    """
+
+    def __init__(self, config: StageCConfig = StageCConfig(), head: str = "ab") -> None:
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.config = cfg = config
+        self.head = head
         self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
         self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2), nn.Linear(cfg.c, cfg.c))
         self.blocks = nn.ModuleList()
@@ -61,7 +77,8 @@ class StageC(nn.Module):
             self.blocks.append(ResBlock(cfg.c, dropout=cfg.dropout))
             self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
             self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, self_attn=True, dropout=cfg.dropout))
-        self.out = nn.Sequential(LayerNorm2d(cfg.c), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
+        c_out = cfg.c_in * 2 if head == "ab" else cfg.c_in  # A and B, or the estimate itself
+        self.out = nn.Sequential(LayerNorm2d(cfg.c), nn.Conv2d(cfg.c, c_out, kernel_size=1))
         self.apply(self._init_weights)
         self._init_special()
 
@@ -75,7 +92,8 @@ class StageC(nn.Module):
     @torch.no_grad()
     def _init_special(self) -> None:
         # official init: small conditioning projections, zero output conv (the A/B head then returns the input,
-        # §3.2), residual branches scaled down by sqrt(1/depth), timestep modulation starting at the identity
+        # §3.2; the plain head returns 0), residual branches scaled down by sqrt(1/depth), timestep modulation
+        # starting at the identity
         nn.init.normal_(self.projection.weight, std=0.02)
         for m in (self.cond_mapper[0], self.cond_mapper[2]):
             nn.init.normal_(m.weight, std=0.02)
@@ -103,5 +121,7 @@ class StageC(nn.Module):
                 x = block(x, r_embed)
             else:
                 x = block(x)
+        if self.head == "plain":
+            return self.out(x)
         a, b = self.out(x).chunk(2, dim=1)
-        return (x_in - a) / ((1 - b).abs() + 1e-5)
+        return ab_head(x_in, a, b)
