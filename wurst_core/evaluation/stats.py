@@ -6,12 +6,15 @@ paired metrics (preference, CLIP score, compositional accuracy) and images of ea
 independently, for set metrics (FID, KID, IS). Resampling duplicates images, which shifts set metrics (two
 resamples of one set have FID > 0; IS drops); ``bias_correct`` moves the percentile interval by the bootstrap
 bias ``mean(draws) - value`` so that it is centred on the estimate (Efron & Tibshirani §10.6).
+
+Comparisons of two systems on the same prompts and noise: :func:`paired_difference` (one seed) and
+:func:`pooled_paired_difference` / :func:`pooled_over_seeds` (several seeds, the seed spread in the interval).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -71,3 +74,52 @@ def mean_ci(values: Tensor, n_boot: int = 1000, level: float = 0.95, seed: int =
         raise ValueError("mean_ci needs at least one value")
     return bootstrap(lambda idx: scale * values[idx].mean().item(), values.numel(), n_boot=n_boot,
                      level=level, seed=seed)
+
+
+# ---- paired comparisons and seed pooling (issue 20) --------------------------------------------------------
+
+def _finite(values: Tensor | Sequence[float], what: str) -> Tensor:
+    # a NaN would make every resample NaN and the interval silently empty
+    t = torch.as_tensor(values, dtype=torch.float64)
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} must be non-empty and finite")
+    return t
+
+
+def paired_difference(a: Tensor | Sequence[float], b: Tensor | Sequence[float], n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> Estimate:
+    """Mean of ``a - b`` over prompts, two systems scored on the same prompts with the same initial noise, with a
+    paired bootstrap CI: one resample of prompt indices serves both arms, so prompt difficulty cancels."""
+    a, b = _finite(a, "a"), _finite(b, "b")
+    if a.dim() != 1 or a.shape != b.shape:
+        raise ValueError(f"paired arms need two (P,) vectors of equal length, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    diff = a - b  # resampling prompts of the difference is resampling both arms with the same indices
+    return bootstrap(lambda idx: diff[idx].mean().item(), diff.numel(), n_boot=n_boot, level=level, seed=seed)
+
+
+def pooled_over_seeds(values: Tensor | Sequence[Sequence[float]], n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> Estimate:
+    """Mean of ``values`` (S seeds, P prompts; the same prompts under every seed) with a CI that carries both the
+    prompt-to-prompt and the seed-to-seed spread.
+
+    Rule: the pigeonhole bootstrap (Owen 2007) for a crossed design: each resample draws S seed indices and P
+    prompt indices independently, with replacement, and averages the S x P sub-table. One seed cannot show its
+    spread, so fewer than two seeds are refused (use :func:`mean_ci` or :func:`paired_difference` there).
+    """
+    v = _finite(values, "values")
+    if v.dim() != 2 or v.shape[0] < 2:
+        raise ValueError(f"values must be (seeds, prompts) with at least 2 seeds, got shape {tuple(v.shape)}")
+    est = bootstrap(lambda s_idx, p_idx: v[s_idx][:, p_idx].mean().item(), v.shape[0], v.shape[1],
+                    n_boot=n_boot, level=level, seed=seed)
+    return replace(est, n=v.numel())  # n: every (seed, prompt) image behind the mean
+
+
+def pooled_paired_difference(a: Tensor | Sequence[Sequence[float]], b: Tensor | Sequence[Sequence[float]],
+                             n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Estimate:
+    """:func:`paired_difference` over several seeds: ``a``, ``b`` are (S, P), arm A and arm B with the same
+    prompts and the same initial noise per seed; the CI is :func:`pooled_over_seeds` of ``a - b``."""
+    a, b = _finite(a, "a"), _finite(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired arms need equal (seeds, prompts) shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return pooled_over_seeds(a - b, n_boot=n_boot, level=level, seed=seed)

@@ -1,0 +1,224 @@
+"""Building blocks for testing the paper's claims (issue 20): FLOP counts, paired and seed-pooled intervals, verdicts,
+and the oracle judge, each on constructed cases with known answers."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from wurst_core import evaluation as E
+from wurst_core.evaluation import compute as C
+from wurst_core.evaluation.probe import ProbeSpec
+
+
+# ----------------------------------------------------------------------------------------------- compute
+def test_linear_training_flops_are_forward_plus_twice_forward():
+    n, a, b = 4, 3, 5
+    lin = nn.Linear(a, b)
+    x = torch.randn(n, a, requires_grad=True)
+    flops = E.step_flops(lambda: lin(x).sum())
+    assert flops.forward == 2 * n * a * b  # one (n,a)x(a,b) product; the bias add is not counted
+    assert flops.backward == 4 * n * a * b  # grad of the weight and grad of the input, one product each
+    assert flops.total == 6 * n * a * b
+    assert lin.weight.grad is not None  # the step really ran backward
+
+    lin.zero_grad()
+    x_const = torch.randn(n, a)  # data needs no grad: only the weight's product in the backward pass
+    assert E.training_flops(lambda: lin(x_const).sum()) == 2 * n * a * b + 2 * n * a * b
+
+
+def test_mlp_counts_and_forward_only():
+    n, a, h, b = 8, 6, 7, 2
+    mlp = nn.Sequential(nn.Linear(a, h), nn.GELU(), nn.Linear(h, b))
+    x = torch.randn(n, a)
+    fwd = 2 * n * (a * h + h * b)
+    # backward: first layer only its weight (x needs no grad), second layer weight and input
+    assert E.training_flops(lambda: mlp(x).pow(2).mean()) == fwd + 2 * n * a * h + 4 * n * h * b
+    mlp.zero_grad(set_to_none=True)
+    assert E.forward_flops(lambda: mlp(x)) == fwd
+    assert all(p.grad is None for p in mlp.parameters())  # inference builds no graph
+
+
+def test_step_flops_refuses_a_non_scalar_or_detached_loss():
+    lin = nn.Linear(2, 3)
+    with pytest.raises(ValueError, match="scalar loss"):
+        E.step_flops(lambda: lin(torch.randn(4, 2)))
+    with pytest.raises(ValueError, match="scalar loss"):
+        E.step_flops(lambda: lin(torch.randn(4, 2)).sum().detach())
+
+
+def test_core_hours_energy_and_carbon_units():
+    assert E.core_hours(3600, 2) == 2.0  # two CPU cores for one hour
+    assert E.core_hours(90, 4) == pytest.approx(0.1)
+    assert E.energy_kwh(2.0, 15.0) == pytest.approx(0.03)  # 2 core-hours at 15 W per core
+    assert E.carbon_kg_from_kwh(0.03, 0.37) == pytest.approx(0.0111)
+    assert C.carbon_kg is E.carbon_kg_from_kwh
+    assert E.carbon_kg(24_602, 250, 0.37) == 2275.68  # the tables' GPU-hours formula is untouched
+    for bad in (lambda: E.core_hours(-1, 2), lambda: E.energy_kwh(1, math.nan), lambda: E.carbon_kg_from_kwh(1, -0.1)):
+        with pytest.raises(ValueError, match=">= 0"):
+            bad()
+
+
+# ----------------------------------------------------------------------------------------------- paired intervals
+def test_paired_difference_sees_a_shift_that_unpaired_intervals_miss():
+    gen = torch.Generator().manual_seed(0)
+    base = 10 * torch.randn(200, generator=gen, dtype=torch.float64)  # prompt difficulty dominates
+    a, b = base + 0.5 + 0.1 * torch.randn(200, generator=gen, dtype=torch.float64), base
+    d = E.paired_difference(a, b)
+    assert d.value == pytest.approx((a - b).mean().item()) and d.n == 200
+    assert 0 < d.low < d.value < d.high  # the interval excludes 0
+    ea, eb = E.mean_ci(a), E.mean_ci(b)
+    assert ea.low < eb.high  # unpaired, the two arms' intervals overlap
+    assert inspect.signature(E.paired_difference).parameters["n_boot"].default >= 1000
+    assert E.paired_difference(a, b) == d  # fixed seed, same interval
+
+
+def test_paired_difference_of_a_constant_shift_and_of_identical_arms():
+    b = torch.linspace(0, 1, 50)
+    shift = E.paired_difference(b + 2, b)
+    assert shift.low == pytest.approx(2) and shift.high == pytest.approx(2) and shift.low > 0
+    same = E.paired_difference(b, b)
+    assert same.low <= 0 <= same.high and same.value == 0
+    signs = torch.tensor([1.0, -1.0]).repeat(50)
+    symmetric = E.paired_difference(b.repeat(2) + signs, b.repeat(2))  # differences without a systematic sign
+    assert symmetric.value == pytest.approx(0, abs=1e-6) and symmetric.low < 0 < symmetric.high
+
+
+def test_paired_difference_refusals():
+    with pytest.raises(ValueError, match="equal length"):
+        E.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="equal length"):
+        E.paired_difference(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        E.paired_difference([1.0, math.nan], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        E.paired_difference([], [])
+
+
+def test_pooled_interval_carries_the_seed_spread():
+    seeds, prompts = 5, 40
+    offsets = torch.tensor([-1.0, 1.0, -0.5, 0.5, 0.0], dtype=torch.float64)  # seed-to-seed spread only
+    values = offsets[:, None] + 0.01 * torch.arange(prompts, dtype=torch.float64)[None, :]
+    pooled = E.pooled_over_seeds(values)
+    assert pooled.value == pytest.approx(values.mean().item()) and pooled.n == seeds * prompts
+    prompt_only = E.mean_ci(values.mean(0))  # averaging seeds first hides their spread
+    assert pooled.high - pooled.low > 5 * (prompt_only.high - prompt_only.low)
+    assert pooled.low < values.mean().item() < pooled.high
+
+    a = values + 0.3
+    shifted = E.pooled_paired_difference(a, values)  # the same noise per seed: the seed spread cancels
+    assert shifted.low == pytest.approx(0.3) and shifted.high == pytest.approx(0.3)
+    noisy = E.pooled_paired_difference(values + offsets[:, None], values)  # a seed-dependent difference
+    assert noisy.low < 0 < noisy.high
+
+
+def test_pooled_refusals():
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        E.pooled_over_seeds(torch.ones(1, 10))
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        E.pooled_over_seeds(torch.ones(10))
+    with pytest.raises(ValueError, match="equal"):
+        E.pooled_paired_difference(torch.ones(2, 10), torch.ones(2, 9))
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+def test_verdict_gives_each_outcome_by_the_stated_rule():
+    def win(low: float, high: float) -> E.Claim:
+        return E.Claim("preferred over baseline", "paper: 64.4%", E.Estimate((low + high) / 2, low, high),
+                       direction="higher", reference=50.0, margin=5.0)
+
+    assert win(60, 70).bound == 55
+    assert E.verdict(win(60, 70)) == E.SUPPORTED == "supported"
+    assert E.verdict(win(40, 50)) == E.REFUTED == "refuted"
+    assert E.verdict(win(52, 58)) == E.INCONCLUSIVE == "inconclusive at this scale"
+    assert E.verdict(win(55, 65)) == E.INCONCLUSIVE  # touching the bound is not wholly beyond it
+    assert E.verdict(win(50, 55)) == E.REFUTED  # no value in the interval exceeds the bound
+    assert E.verdict(E.Claim("x", "y", E.Estimate(1.0, math.nan, math.nan))) == E.INCONCLUSIVE
+
+    def fid_gap(low: float, high: float) -> E.Claim:  # ours - baseline; lower is better
+        return E.Claim("lower FID", "paper: 23.6 vs 43.5", E.Estimate((low + high) / 2, low, high), direction="lower")
+
+    assert E.verdict(fid_gap(-5, -1)) == E.SUPPORTED
+    assert E.verdict(fid_gap(1, 3)) == E.REFUTED
+    assert E.verdict(fid_gap(-1, 1)) == E.INCONCLUSIVE
+
+
+def test_claims_table_columns_and_rule_text():
+    claims = [E.Claim("preferred", "64.4%", E.Estimate(65.0, 60.0, 70.0), reference=50.0, margin=5.0),
+              E.Claim("lower FID", "23.6 vs 43.5", E.Estimate(2.0, 1.0, 3.0), direction="lower"),
+              E.Claim("cheaper", "8x", E.Estimate(0.5, -1.0, 2.0))]
+    df = E.claims_table(claims)
+    assert isinstance(df, pd.DataFrame)
+    assert list(df.columns) == ["claim", "paper", "measured", "rule", "verdict"]
+    assert list(df["verdict"]) == ["supported", "refuted", "inconclusive at this scale"]
+    assert df.loc[0, "rule"] == claims[0].rule and "> 55" in df.loc[0, "rule"] and "95% CI" in df.loc[0, "rule"]
+    assert "< 0" in df.loc[1, "rule"]
+    assert df.loc[0, "measured"] == "65 [60, 70]" and df.loc[1, "paper"] == "23.6 vs 43.5"
+    with pytest.raises(ValueError, match="at least one"):
+        E.claims_table([])
+
+
+def test_claim_refuses_an_unclear_rule():
+    with pytest.raises(ValueError, match="direction"):
+        E.Claim("x", "y", E.Estimate(0, 0, 0), direction="better")
+    with pytest.raises(ValueError, match="margin"):
+        E.Claim("x", "y", E.Estimate(0, 0, 0), margin=-1.0)
+    with pytest.raises(TypeError, match="Estimate"):
+        E.Claim("x", "y", 3.0)
+
+
+# ----------------------------------------------------------------------------------------------- oracle judge
+def obj(shape: str, color: str, hpos: str, vpos: str, size: str = "small") -> dict:
+    return {"shape": shape, "color": color, "size": size, "hpos": hpos, "vpos": vpos}
+
+
+TRUTH = {"background": "white", "count": 2,
+         "objects": [obj("circle", "red", "left", "top"), obj("square", "green", "right", "bottom")]}
+
+
+def test_oracle_prefers_the_image_with_more_correct_attributes():
+    spec = ProbeSpec.procedural()
+    exact = TRUTH
+    wrong_color = {**TRUTH, "objects": [obj("circle", "blue", "left", "top"), TRUTH["objects"][1]]}
+    checks_exact, checks_wrong = E.scene_checks(exact, TRUTH, spec), E.scene_checks(wrong_color, TRUTH, spec)
+    assert E.attribute_scores([checks_exact]).item() == 7  # count, position, background, 3 fields, all_correct
+    assert E.attribute_scores([checks_wrong]).item() == 5  # colour and all_correct fail
+    out = E.oracle_scene_outcomes([exact, wrong_color, exact], [wrong_color, exact, exact], [TRUTH] * 3, spec)
+    assert out.tolist() == [1.0, 0.0, 0.5]  # ties split
+    as_columns = {k: torch.tensor([checks_exact[k], checks_wrong[k]]) for k in checks_exact}  # CompositionalResult form
+    assert E.oracle_outcomes(as_columns, [checks_wrong, checks_exact]).tolist() == [1.0, 0.0]
+
+
+def test_oracle_default_ignores_partial_cell_credit():
+    spec = ProbeSpec.procedural()
+    one_moved = {**TRUTH, "objects": [TRUTH["objects"][0], obj("square", "green", "center", "middle")]}
+    both_moved = {**TRUTH, "objects": [obj("circle", "red", "center", "top"),
+                                       obj("square", "green", "center", "middle")]}
+    a, b = E.scene_checks(one_moved, TRUTH, spec), E.scene_checks(both_moved, TRUTH, spec)
+    assert a["cell_iou"] > b["cell_iou"]
+    assert E.oracle_outcomes([a], [b]).item() == 0.5  # the same binary checks pass
+    assert E.oracle_outcomes([a], [b], keys=["position", "cell_iou"]).item() == 1.0
+    with pytest.raises(ValueError, match="missing"):
+        E.oracle_outcomes([a], [b], keys=["nonexistent"])
+    with pytest.raises(ValueError, match="same prompts"):
+        E.oracle_outcomes([a, a], [b])
+
+
+def test_judge_agreement_counts_ties_half():
+    oracle = torch.tensor([1.0, 0.5, 0.0, 1.0])
+    pick = E.pairwise_outcomes(torch.tensor([2.0, 1.0, 3.0, 1.0]), torch.tensor([1.0, 3.0, 1.0, 1.0]))
+    assert pick.tolist() == [1.0, 0.0, 1.0, 0.5]
+    assert E.pairwise_agreement(oracle, pick).tolist() == [1.0, 0.5, 0.0, 0.5]
+    agree = E.judge_agreement(oracle, pick)
+    assert agree.value == pytest.approx(50.0) and agree.low <= 50.0 <= agree.high and agree.n == 4
+    same = E.judge_agreement(oracle, oracle)
+    assert (same.value, same.low, same.high) == (100.0, 100.0, 100.0)
+    assert E.pairwise_agreement(torch.tensor([0.5]), torch.tensor([0.5])).item() == 1.0  # both call a tie
+    with pytest.raises(ValueError, match="outcome vectors"):
+        E.judge_agreement(oracle, oracle[:3])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        E.judge_agreement(oracle, oracle + 1)
