@@ -1,4 +1,5 @@
-"""The three training objectives (paper Fig. 3) as modules for :func:`wurst_core.training.fit`.
+"""The three training objectives (paper Fig. 3), and the single-stage Baseline LDM's (paper §4), as modules for
+:func:`wurst_core.training.fit`.
 
 Each task owns the networks of its stage (frozen ones with ``requires_grad=False``) and maps
 ``(batch, per-sample generators) -> (loss, logs)``. All randomness comes from the per-sample generators, so a batch
@@ -208,4 +209,40 @@ class StageCTask(nn.Module):
         t = _draw(gens, lambda g: self.diffusion.sample_t(1, g)[0]).to(x0.device)
         noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
         loss = self.diffusion.loss(self.stage_c, x0, tokens, t=t, noise=noise).mean()
+        return loss, {"loss": loss.item()}
+
+
+class BaselineTask(nn.Module):
+    """The Baseline LDM (paper §4, "Baselines"): one text-conditional U-Net trained directly on the first stage's
+    latents, with Stage C's objective (``Diffusion``, 5 % caption dropout) and the same per-sample draws (caption
+    dropout, then t, then noise), so that its random numbers are a function of (seed, step, row).
+
+    The first stage is the frozen Stage A (``stage_a.encode``: unscaled VQGAN latents / scale_factor, unit variance,
+    f4): the paper's baseline uses SD 2.1's f8 autoencoder, but Stage A is the only first stage trained here, and an
+    f8 one would need its own training (and its own scale factor) before the baseline could start.
+    """
+
+    def __init__(self, unet: nn.Module, stage_a: nn.Module, text: TextCache, diffusion: Diffusion = Diffusion(),
+                 p_drop_text: float = 0.05):
+        super().__init__()
+        self.unet, self.stage_a, self.text = unet, freeze(stage_a), text
+        self.diffusion = diffusion
+        self.p_drop_text = p_drop_text
+
+    def train(self, mode: bool = True) -> "BaselineTask":
+        super().train(mode)
+        self.stage_a.eval()  # Stage A's BatchNorm keeps its running statistics
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the U-Net's data space (Stage A's scaled, unquantised latents)."""
+        return self.stage_a.encode(images)
+
+    def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
+        x0 = self.encode(batch["image"])
+        tokens = self.text(drop_captions(batch["caption"], gens, self.p_drop_text)).to(x0)
+        t = _draw(gens, lambda g: self.diffusion.sample_t(1, g)[0]).to(x0.device)
+        noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
+        loss = self.diffusion.loss(self.unet, x0, tokens, t=t, noise=noise).mean()
         return loss, {"loss": loss.item()}
