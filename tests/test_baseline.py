@@ -1,5 +1,6 @@
 """The Baseline LDM (paper §4, "Baselines"): the single-stage text-conditional U-Net and its training task. Shapes,
-the paper size's ~1B parameters, a tiny size on the tiny Stage C's budget, training, frozen parts, determinism."""
+the paper size's ~1B parameters, a tiny size on the tiny Stage C's budget, training, frozen parts, determinism; the
+equal-compute arithmetic of notebook 08 (budget, steps, rounding, the FLOPs table)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from wurst_core import params
 from wurst_core import training as train
 from wurst_core.evaluation.compute import training_flops
 from wurst_core.layouts import CheckpointError
@@ -16,6 +18,8 @@ from wurst_core.models.baseline import BASELINE_SIZES, BaselineConfig, BaselineU
 from wurst_core.models.semantic import SEMANTIC_SIZES, SemanticCompressor, tiny_backbone_widths
 from wurst_core.models.stage_a import STAGE_A_SIZES, StageA
 from wurst_core.models.stage_c import STAGE_C_SIZES, StageC
+from wurst_core.studies.baseline import (Arm, BaselineParams, budget_flops, flops_table, scaled_flops, steps_for_budget,
+                                        train_baseline)
 from wurst_core.training.tasks import BaselineTask, StageCTask, TextCache
 from wurst_core.weights import load_model
 
@@ -189,3 +193,70 @@ def test_same_seed_gives_the_same_weights(tmp_path):
     train.fit(other, dataclasses.replace(CFG, seed=6), get_batch, n, tmp_path / "other", progress=False)
     assert not all(torch.equal(v, other.unet.state_dict()[k]) for k, v in runs[0].items())
 
+
+
+# ------------------------------------------------------------------------------ budget arithmetic (08)
+
+def _arms(c_flops: int = 300, c_steps: int = 10, b_flops: int = 500, b_steps: int = 4):
+    return {"stage_c": Arm("Stage C", c_flops, c_steps, 8, train_seconds=2.0, workers=2),
+            "stage_b": Arm("Stage B", b_flops, b_steps, 8, train_seconds=3.0, workers=1)}
+
+
+def test_budget_is_stage_c_or_stage_b_plus_c():
+    arms = _arms()
+    assert budget_flops(arms, "stage_c") == 300 * 10
+    assert budget_flops(arms, "stage_bc") == 300 * 10 + 500 * 4
+    with pytest.raises(ValueError, match="budget must be one of"):
+        budget_flops(arms, "stage_a")
+
+
+@pytest.mark.parametrize("budget,per_step,steps", [
+    (3000, 300, 10),    # exact
+    (3000, 280, 11),    # 10.71 rounds up
+    (3000, 320, 9),     # 9.375 rounds down
+    (3000, 240, 13),    # 12.5: half rounds up, not to the even 12
+    (100, 300, 1),      # less than one step's worth still trains one step
+    (0, 300, 1),
+    (10**18, 3, 333333333333333333),  # integers: no float rounding at large budgets
+])
+def test_steps_for_budget_rounds_to_the_nearest_step_and_at_least_one(budget, per_step, steps):
+    assert steps_for_budget(budget, per_step) == steps
+
+
+def test_steps_for_budget_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="flops_per_step"):
+        steps_for_budget(3000, 0)
+    with pytest.raises(ValueError, match="budget"):
+        steps_for_budget(-1, 300)
+
+
+def test_counted_flops_scale_linearly_to_the_batch():
+    assert scaled_flops(1000, 8, 8) == 1000       # counted on the whole batch: unchanged
+    assert scaled_flops(1000, 32, 1280) == 40_000
+    assert scaled_flops(10, 3, 4) == 13           # 13.33
+    assert scaled_flops(5, 2, 1) == 3             # 2.5 rounds up
+    with pytest.raises(ValueError):
+        scaled_flops(1000, 0, 8)
+
+
+def test_flops_table_rows_totals_and_core_seconds():
+    arms = _arms()
+    budget = budget_flops(arms, "stage_c")
+    steps = steps_for_budget(budget, 400)  # 7.5 -> 8
+    base = [Arm(f"baseline, seed {s}", 400, steps, 8, train_seconds=1.5, workers=2) for s in (0, 1)]
+    table = flops_table([arms["stage_c"], arms["stage_b"], *base], budget).set_index("arm")
+    assert list(table.index) == ["Stage C", "Stage B", "Stage B + C", "baseline, seed 0", "baseline, seed 1"]
+    assert table.loc["Stage C", "total_flops"] == 3000 and table.loc["Stage C", "of_budget"] == 1.0
+    assert table.loc["Stage B + C", "total_flops"] == 5000
+    assert table.loc["Stage B + C", "core_seconds"] == 2.0 * 2 + 3.0 * 1   # seconds x workers, summed
+    assert table.loc["baseline, seed 0", "steps"] == 8
+    assert table.loc["baseline, seed 1", "of_budget"] == pytest.approx(3200 / 3000)
+    alone = flops_table([Arm("Stage C", 300, 10, 8)], 3000)  # no Stage B, no seconds recorded
+    assert list(alone["arm"]) == ["Stage C"] and alone.iloc[0]["core_seconds"] is None
+
+
+def test_paper_size_is_built_but_its_training_refused():
+    cfg = params.build(BaselineParams, {"profile": "paper"})
+    assert cfg.size == "paper" and cfg.steps == 0 and cfg.seed_list() == [0, 1]
+    with pytest.raises(RuntimeError, match=r"\(\d\.\d\dB parameters\) is built but not trained"):
+        train_baseline(cfg, run=None, progress=False)  # refused before any run folder or upstream is read

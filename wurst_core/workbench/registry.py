@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import paths
 from ..studies.architecture import ArchitectureParams
+from ..studies.baseline import BaselineParams
 from ..studies.data import DataParams
 from ..studies.evaluation import EvaluationParams
 from ..studies.sampling import SamplingParams
@@ -34,6 +35,7 @@ NOTEBOOKS: dict[str, Entry] = {
     "06_sampling": Entry("Sampling: the three-stage pipeline", SamplingParams),
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
+    "08_baseline": Entry("Baseline: a U-Net LDM at Stage C's training FLOPs", BaselineParams),
 }
 
 

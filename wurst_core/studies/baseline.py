@@ -1,0 +1,314 @@
+"""Notebook 08: the Baseline LDM, a single-stage text-conditional U-Net trained at Stage C's training FLOPs (paper §4,
+"Baselines"; Table 2: "trained for as many GPU-hours as Stage C").
+
+Equal compute is counted, not timed: one training step of each arm (forward and backward, the frozen image encoders
+included, the cached text encoder not) runs under ``torch.utils.flop_counter`` on a real batch, Stage C's budget is
+its FLOPs per step times the steps that ``05_stage_c`` trained (or Stage B's + Stage C's, ``budget="stage_bc"``),
+and the baseline trains for the budget divided by its own FLOPs per step. CPU core-seconds (training seconds x worker processes) are reported beside the
+FLOPs, never GPU-hours.
+
+The baseline reads what Stage C reads: the same frozen text encoder at the same text layer, the same data stream,
+Stage C's objective (schedule and shift, loss weight, t sampler, caption dropout) and the same optimiser and
+schedule family (AdamW, warm-up, EMA through ``PhaseParams.train_config``). Its first stage is the frozen tiny
+Stage A (f4), the only first stage trained here (``training.tasks.BaselineTask``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import params
+from ..data.stream import Stream, load_images
+from ..diffusion.samplers import sample
+from ..evaluation.compute import training_flops
+from ..models import count_parameters
+from ..models.baseline import BASELINE_SIZES, BaselineUNet, save_baseline
+from ..params import Domain, param
+from ..runs import Run
+from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators
+from ..weights import load_model
+from .figures import image_grid, save_figure
+from .phases import _COMMON, PhaseParams, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder, upstream
+from .stage_b import StageBParams
+from .stage_c import StageCParams
+
+BUDGETS: dict[str, tuple[str, ...]] = {"stage_c": ("stage_c",), "stage_bc": ("stage_b", "stage_c")}
+FLOPS_ROWS = 32  # rows of the counted batch: the tiny profile's whole batch; larger batches are scaled linearly
+DATA_FIELDS = ("dataset", "data_dir", "resolution", "n_train", "seed")  # what makes two data streams the same
+
+
+@dataclass(frozen=True)
+class BaselineParams(PhaseParams):
+    size: str = params.choice("", *BASELINE_SIZES)
+    steps: int = param(0, ge=0)  # 0: the compute budget's steps; > 0: this many (no longer equal compute)
+    budget: str = params.choice("stage_c", *BUDGETS)  # whose training FLOPs the baseline gets
+    seeds: str = param("0,1", items=Domain(lo=0))  # training seeds (init, batch order, noise), one run each
+    sample_steps: int = param(0, ge=1, le=1000)   # DDPM steps of the sample grid
+    guidance: float | None = param(None, ge=0)    # classifier-free guidance of the sample grid (on above 1)
+    n_prompts: int = param(16, ge=1)              # held-out prompts in the sample grid
+
+    @classmethod
+    def profile_defaults(cls, profile: str) -> dict[str, Any]:
+        # steps 0 everywhere: the budget sets them; lr 1e-3 as Stage B, which denoises the same Stage A latent
+        own = {"smoke": dict(steps=0, lr=1e-3, sample_steps=2, guidance=2.0),
+               "tiny": dict(steps=0, lr=1e-3, warmup_steps=100, sample_steps=50, guidance=2.0),
+               "paper": dict(steps=0, sample_steps=50, guidance=4.0)}[profile]
+        return {**_COMMON[profile], **own}
+
+    def check(self) -> None:
+        super().check()
+        seeds = params.listed(self.seeds)
+        if any(not s.isdigit() for s in seeds):
+            raise ValueError(f"parameter 'seeds' must be comma-separated integers >= 0, got {self.seeds!r}")
+        if len(set(map(int, seeds))) != len(seeds):
+            raise ValueError(f"parameter 'seeds' lists a seed twice: {self.seeds!r}")
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in params.listed(self.seeds)]
+
+
+# ------------------------------------------------------------------------------------------- the budget
+
+@dataclass(frozen=True)
+class Arm:
+    """One trained model's compute: FLOPs per optimiser step, steps, and (where known) its CPU time."""
+
+    name: str
+    flops_per_step: int
+    steps: int
+    batch_size: int
+    train_seconds: float | None = None
+    workers: int | None = None
+    run: str = ""
+
+    @property
+    def total_flops(self) -> int:
+        return self.flops_per_step * self.steps
+
+    @property
+    def core_seconds(self) -> float | None:
+        # one single-threaded process per worker (fit_processes; notebooks run with one thread)
+        if self.train_seconds is None or self.workers is None:
+            return None
+        return self.train_seconds * self.workers
+
+
+def scaled_flops(counted: int, rows: int, batch_size: int) -> int:
+    """FLOPs of a ``batch_size`` step from a count on ``rows`` rows (every op here is per sample: linear in the
+    batch), rounded half up."""
+    if rows < 1 or batch_size < 1 or counted < 0:
+        raise ValueError(f"need rows, batch_size >= 1 and counted >= 0, got {rows}, {batch_size}, {counted}")
+    return (2 * counted * batch_size + rows) // (2 * rows)
+
+
+def budget_flops(arms: Mapping[str, Arm], budget: str) -> int:
+    """Training FLOPs the baseline may spend: Stage C's total ("stage_c", the paper's setup) or B's + C's."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
+    return sum(arms[name].total_flops for name in BUDGETS[budget])
+
+
+def steps_for_budget(budget: int, flops_per_step: int) -> int:
+    """Optimiser steps that spend ``budget`` FLOPs at ``flops_per_step``: rounded half up, at least one."""
+    if flops_per_step < 1 or budget < 0:
+        raise ValueError(f"need flops_per_step >= 1 and budget >= 0, got {flops_per_step} and {budget}")
+    return max(1, (2 * budget + flops_per_step) // (2 * flops_per_step))  # integers: exact at any size
+
+
+def flops_table(arms: list[Arm], budget: int) -> pd.DataFrame:
+    """One row per arm (and Stage B + C together): FLOPs per step, steps, total FLOPs, share of the budget,
+    training seconds, workers and CPU core-seconds (empty where unknown)."""
+    rows = [{"arm": a.name, "run": a.run, "batch_size": a.batch_size, "flops_per_step": a.flops_per_step,
+             "steps": a.steps, "total_flops": a.total_flops, "of_budget": a.total_flops / budget,
+             "train_seconds": a.train_seconds, "workers": a.workers, "core_seconds": a.core_seconds} for a in arms]
+    by_name = {a.name: a for a in arms}
+    if {"Stage B", "Stage C"} <= set(by_name):  # the whole Würstchen recipe above Stage A, the second budget row
+        b, c = by_name["Stage B"], by_name["Stage C"]
+        total = b.total_flops + c.total_flops
+        known = None if b.core_seconds is None or c.core_seconds is None else b.core_seconds + c.core_seconds
+        at = 1 + max(i for i, a in enumerate(arms) if a.name in ("Stage B", "Stage C"))
+        rows.insert(at, {"arm": "Stage B + C", "run": "", "batch_size": None, "flops_per_step": None, "steps": None,
+                        "total_flops": total, "of_budget": total / budget, "train_seconds": None, "workers": None,
+                        "core_seconds": known})
+    return pd.DataFrame(rows, dtype=object)  # object: exact integers, and blanks (not nan) where unknown
+
+
+def _recorded(schema: type, run: Run) -> Any:
+    """The parameters an upstream run recorded in its config.json, as its schema (fields it lacks: defaults)."""
+    config = json.loads((run.dir / "config.json").read_text())
+    names = {f.name for f in dataclasses.fields(schema)}
+    return schema(**{k: v for k, v in config.items() if k in names})
+
+
+def _step_flops(task: nn.Module, stream: Stream, batch_size: int, seed: int) -> tuple[int, int]:
+    """FLOPs of one training step of ``task`` at ``batch_size`` (counted on at most FLOPS_ROWS rows of the real
+    stream, scaled linearly), and the rows counted. The text cache is warmed first: in every arm the frozen text
+    encoder runs once per distinct caption, not per step."""
+    rows = min(batch_size, FLOPS_ROWS, len(stream))
+    batch = stream(list(range(rows)))
+    task.text(list(batch["caption"]) + [""])
+    task.train()
+    counted = training_flops(lambda: task(batch, sample_generators(seed, 0, list(range(rows))))[0])
+    task.zero_grad(set_to_none=True)
+    return scaled_flops(counted, rows, batch_size), rows
+
+
+def _stream(p: PhaseParams, n: int) -> Stream:
+    return Stream(p.dataset, n, p.resolution, p.seed, "train", p.data_dir, p.max_pixels)
+
+
+def upstream_arms(profile: str) -> tuple[dict[str, Arm], dict[str, Any]]:
+    """Stage C's and Stage B's FLOPs per step (their tasks rebuilt from the latest 05 and 04 runs, trained weights
+    loaded) and the steps, batch, seconds and workers those runs recorded; also Stage C's parameter count."""
+    c_run, b_run = upstream("c", profile), upstream("b", profile)
+    sc, sb = _recorded(StageCParams, c_run), _recorded(StageBParams, b_run)
+    c_metrics, b_metrics = c_run.metrics(), b_run.metrics()
+    # Stage C as 05 builds it: frozen compressor of 04, the text layer 05 read, its objective and latent scaling
+    compressor = freeze(load_model(b_run.checkpoints / "semantic"))
+    stage_c = load_stage("c", profile).requires_grad_(True)
+    c_task = StageCTask(stage_c, compressor, TextCache(text_encoder(profile, sc.text_layer)), sc.diffusion(),
+                        sc_size=compressor.config.image_size, p_drop_text=sc.p_drop_text,
+                        latent_scaling=sc.latent_scaling, latent_mean=c_metrics.get("latent_mean", 0.0),
+                        latent_std=c_metrics.get("latent_std", 1.0))
+    c_flops, rows = _step_flops(c_task, _stream(sc, FLOPS_ROWS), sc.batch_size, sc.seed)
+    # Stage B as 04 builds it: the compressor trains jointly (its own trainable copy), Stage A frozen, last layer
+    stage_b = load_stage("b", profile).requires_grad_(True)
+    joint = load_model(b_run.checkpoints / "semantic").requires_grad_(True)
+    b_task = StageBTask(stage_b, load_stage("a", profile), joint, TextCache(text_encoder(profile)),
+                        sc_size=sb.sc_size or joint.config.image_size, p_drop_sc=sb.p_drop_sc,
+                        p_noise_sc=sb.p_noise_sc, p_drop_text=sb.p_drop_text)
+    b_flops, _ = _step_flops(b_task, _stream(sb, FLOPS_ROWS), sb.batch_size, sb.seed)
+    arms = {"stage_c": Arm("Stage C", c_flops, int(c_metrics["steps"]), sc.batch_size,
+                           c_metrics.get("train_seconds"), sc.workers, f"05_stage_c/{c_run.run_id}"),
+            "stage_b": Arm("Stage B", b_flops, int(b_metrics["steps"]), sb.batch_size,
+                           b_metrics.get("train_seconds"), sb.workers, f"04_stage_b/{b_run.run_id}")}
+    info = {"rows_counted": rows, "parameters_stage_c": count_parameters(stage_c)}
+    return arms, info
+
+
+def _refuse_paper_size(p: BaselineParams) -> None:
+    if p.size == "paper":
+        with torch.device("meta"):  # shapes only: the ~1B network is built without memory
+            n = count_parameters(BaselineUNet(BASELINE_SIZES["paper"]))
+        raise RuntimeError(f"the paper-size baseline U-Net ({n / 1e9:.2f}B parameters) is built but not trained here: "
+                           "this study trains in CPU worker processes, and a 1B U-Net at 1024 px needs a GPU "
+                           "cluster; run the smoke or tiny profile")
+
+
+def _same_data(p: BaselineParams, sc: StageCParams) -> None:
+    differ = [f"{k}={getattr(p, k)!r} (05: {getattr(sc, k)!r})" for k in DATA_FIELDS if getattr(p, k) != getattr(sc, k)]
+    if differ:
+        raise ValueError("the baseline trains on Stage C's data stream to be compared with it; these differ from "
+                         f"the latest 05_stage_c run: {', '.join(differ)}")
+
+
+@dataclass
+class BaselineResult:
+    histories: dict[int, pd.DataFrame]
+    flops: pd.DataFrame
+    metrics: dict[str, Any]
+    models: dict[str, nn.Module]
+    figures: dict[str, Path]
+
+
+def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> BaselineResult:
+    """Count each arm's training FLOPs, train the baseline for the budget once per seed, sample held-out prompts."""
+    t0 = time.time()
+    _refuse_paper_size(p)
+    sc = _recorded(StageCParams, upstream("c", p.profile))  # what Stage C read: the baseline reads the same
+    _same_data(p, sc)
+    arms, info = upstream_arms(p.profile)
+    diffusion = sc.diffusion()  # Stage C's objective: only the network and its latent differ
+    stage_a = freeze(load_stage("a", p.profile))
+    text = TextCache(text_encoder(p.profile, sc.text_layer))
+    cfg = dataclasses.replace(BASELINE_SIZES[p.size], c_cond=text.encoder.width, c_in=stage_a.config.c_latent)
+    train = _stream(p, p.n_train)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
+
+    def make_task() -> BaselineTask:
+        return BaselineTask(BaselineUNet(cfg), stage_a, text, diffusion, p_drop_text=sc.p_drop_text)
+
+    flops, _ = _step_flops(make_task(), train, p.batch_size, p.seed)
+    budget = budget_flops(arms, p.budget)
+    steps = p.steps or steps_for_budget(budget, flops)
+    message = (f"baseline: {flops:.4g} FLOPs per step; budget {p.budget} = {budget:.4g} FLOPs -> {steps} steps "
+               f"per seed ({'from the budget' if not p.steps else 'set by hand'})")
+    run.logger.info(message)
+    print(message, flush=True)
+    histories, seconds, unets = {}, {}, {}
+    for seed in p.seed_list():
+        _seed_all(seed)  # the seed draws the U-Net's init, then the batch order and every noise draw
+        task = make_task()
+        histories[seed], seconds[seed] = _fit_phase(task, dataclasses.replace(p, steps=steps, seed=seed), run,
+                                                    f"baseline_seed{seed}", train, progress)
+        save_baseline(task.unet, checkpoint_dir(run, f"baseline_seed{seed}"))  # EMA weights (_fit_phase loaded them)
+        unets[seed] = task.unet
+    table = flops_table([arms["stage_c"], arms["stage_b"]]
+                        + [Arm(f"baseline, seed {s}", flops, steps, p.batch_size, seconds[s], p.workers,
+                               f"{run.notebook}/{run.run_id}") for s in unets], budget)
+    run.save_table("flops", table)
+    first = next(iter(unets))
+    prompts = val["caption"][:p.n_prompts]
+    images = sample_grid(unets[first], stage_a, text, prompts, p.resolution, p.sample_steps, p.guidance or 0.0,
+                         diffusion.schedule, p.seed, progress)
+    final = {f"seed{s}": float(h["loss"].iloc[-5:].mean()) for s, h in histories.items()}
+    metrics = {"final_loss": final, "final_loss_mean": sum(final.values()) / len(final),
+               "flops_per_step": {"stage_c": arms["stage_c"].flops_per_step,
+                                  "stage_b": arms["stage_b"].flops_per_step, "baseline": flops},
+               "flops_rows_counted": info["rows_counted"], "budget": p.budget, "budget_flops": budget,
+               "baseline_flops": steps * flops, "budget_ratio": steps * flops / budget, "steps": steps,
+               "steps_from_budget": not p.steps, "stage_c_steps": arms["stage_c"].steps,
+               "stage_b_steps": arms["stage_b"].steps, "seeds": list(unets),
+               "train_seconds": {f"seed{s}": t for s, t in seconds.items()},
+               "core_seconds": {f"seed{s}": t * p.workers for s, t in seconds.items()},
+               "wall_seconds": time.time() - t0, "parameters_baseline": count_parameters(unets[first]),
+               "parameters_stage_c": info["parameters_stage_c"], "text_layer": sc.text_layer,
+               "upstream": {"stage_c": arms["stage_c"].run, "stage_b": arms["stage_b"].run}}
+    figs = {"loss": save_figure(seeds_loss_figure(histories), run.figure("loss")),
+            "samples": save_figure(samples_figure(val["image"][:len(prompts)], images, prompts, first),
+                                   run.figure("samples"))}
+    return BaselineResult(histories, table, metrics, {"unets": unets, "stage_a": stage_a}, figs)
+
+
+@torch.no_grad()
+def sample_grid(unet: nn.Module, stage_a: nn.Module, text: TextCache, prompts: list[str], resolution: int,
+                steps: int, guidance: float, schedule: Any, seed: int, progress: bool = False) -> torch.Tensor:
+    """DDPM samples of the U-Net for ``prompts``, guided against empty-caption tokens as 05's pipeline guides
+    Stage C, decoded by Stage A: images (N, 3, H, W) in [0, 1]."""
+    unet.eval()
+    side = resolution // stage_a.config.downscale
+    cond, uncond = text(prompts), text([""] * len(prompts))
+    latents = sample(unet, (len(prompts), unet.config.c_in, side, side), steps, {"text_tokens": cond},
+                     {"text_tokens": uncond}, guidance, "ddpm", generator=torch.Generator().manual_seed(seed),
+                     progress=progress, schedule=schedule)
+    return stage_a.decode(latents).clamp(0, 1)
+
+
+def seeds_loss_figure(histories: Mapping[int, pd.DataFrame]):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for seed, h in histories.items():
+        marker = "o" if len(h) < 20 else None  # a short run (smoke) logs too few steps for a line
+        ax.plot(h["step"], h["loss"], lw=0.8, marker=marker, label=f"seed {seed}")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log",
+           title="Baseline U-Net: training loss per seed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def samples_figure(real: torch.Tensor, generated: torch.Tensor, prompts: list[str], seed: int):
+    """Held-out real images above the baseline's samples for their captions, in rows of (at most) 8."""
+    cols = min(8, len(prompts))
+    starts = range(0, len(prompts) - cols + 1, cols)
+    grid = [r for i in starts for r in (real[i:i + cols], generated[i:i + cols])]
+    titles = [t for _ in starts for t in ("held-out real", f"baseline (seed {seed})")]
+    return image_grid(grid, titles, prompts[:cols])
