@@ -1,6 +1,7 @@
 """Evaluation on known cases: FID/KID/IS, the PickScore procedure, the compositional probe, tables, carbon, loaders."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -39,7 +40,43 @@ def test_table2_estimates_missing_carbon_and_keeps_given():
     assert math.isnan(df.loc["unknown", "Est. carbon [kg CO2eq]"])
     assert df.loc["ours", "FID_tiny"] == 3.0 and df.loc["ours", "FID_tiny 95% CI"] == "[2, 4]"
     paper = E.table2(E.PAPER_TABLE2)
-    assert paper.loc["Würstchen (paper)", "GPU hours"] == 24_602
+    assert paper.loc["Würstchen (paper)", "GPU hours (paper)"] == 24_602
+    assert paper.loc["Würstchen (paper)", "Est. carbon [kg CO2eq]"] == 2_276  # as printed
+    assert paper["CPU core-hours (here)"].isna().all()
+
+
+def test_table2_keeps_cpu_core_hours_out_of_the_gpu_column():
+    # 0.5 core-hours at 10 W per core = 0.005 kWh; at 0.37 kg/kWh 1.85 g, unrounded (the calculator would say 0)
+    rows = [E.Table2Row("ours", cpu_core_hours=0.5), E.Table2Row("paper", gpu_hours=24_602)]
+    df = E.table2(rows, watts_per_core=10.0)
+    assert df.loc["ours", "CPU core-hours (here)"] == 0.5 and math.isnan(df.loc["ours", "GPU hours (paper)"])
+    assert df.loc["ours", "Est. carbon [kg CO2eq]"] == pytest.approx(0.00185)
+    assert df.loc["paper", "Est. carbon [kg CO2eq]"] == 2275.68 and math.isnan(df.loc["paper", "CPU core-hours (here)"])
+    with pytest.raises(ValueError, match="not both"):
+        E.table2([E.Table2Row("mixed", gpu_hours=1.0, cpu_core_hours=1.0)])
+
+
+def test_training_cost_counts_cpu_core_hours_of_every_phase(tmp_path):
+    from wurst_core import paths
+    from wurst_core.studies import evaluation as study
+    # (notebook, train seconds, workers in config.json; 01 records none: one process)
+    for nb, seconds, workers in (("01_text_encoder", 360.0, None), ("03_stage_a", 900.0, 2),
+                                 ("04_stage_b", 1800.0, 2), ("05_stage_c", 3600.0, 2)):
+        run = paths.runs_dir() / nb / "tiny" / "20260101-000000"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"train_seconds": seconds, "steps": 10}))
+        (run / "config.json").write_text(json.dumps({"batch_size": 4, **({"workers": workers} if workers else {})}))
+    p = study.EvaluationParams(profile="tiny", watts_per_core=10.0, kg_per_kwh=0.5)
+    phases = study._training_costs(p)
+    assert phases["05_stage_c"]["core_hours"] == 2.0 and phases["01_text_encoder"]["core_hours"] == 0.1
+    table, numbers = study._cost_table(phases, p)
+    assert numbers["core_hours"]["total"] == pytest.approx(0.1 + 0.5 + 1.0 + 2.0)
+    assert numbers["energy_kwh"] == pytest.approx(3.6 * 10 / 1000) and numbers["carbon_kg"] == pytest.approx(0.018)
+    assert table.loc["total", "CPU core-hours"] == pytest.approx(3.6)
+    assert list(table.index) == ["text encoder (tiny CLIP)", "Stage A", "Stage B + compressor", "Stage C", "total"]
+    # weights trained elsewhere cost nothing we can count; a missing phase leaves the total unknown
+    assert all(c is None for c in study._training_costs(dataclasses.replace(p, weights_dir="x")).values())
+    assert study._cost_table({**phases, "03_stage_a": None}, p)[1]["core_hours"]["total"] is None
 
 
 def test_table1_pairwise_preference():
@@ -286,6 +323,7 @@ def test_generators_and_generate():
     imgs = torch.rand(4, 3, 16, 16)
     prompts = ["a", "b", "c", "d"]
     assert torch.equal(E.generate(E.lookup_generator(prompts, imgs), ["c", "a"]), imgs[[2, 0]])
+    assert torch.equal(E.generate(E.lookup_generator(prompts, imgs), prompts, batch_size=3), imgs)
     shuffled = E.generate(E.shuffled_generator(prompts, imgs, seed=3), prompts, batch_size=3)
     assert all(not torch.equal(shuffled[i], imgs[i]) for i in range(4))
     assert sorted(shuffled.sum((1, 2, 3)).tolist()) == sorted(imgs.sum((1, 2, 3)).tolist())
@@ -293,6 +331,23 @@ def test_generators_and_generate():
     assert noise.shape == (4, 3, 12, 12) and 0 <= noise.min() and noise.max() <= 1
     with pytest.raises(ValueError, match="must return"):
         E.generate(lambda p: torch.rand(len(p), 1, 8, 8), prompts)
+
+
+def test_duplicate_prompts_keep_their_own_images():
+    imgs = torch.stack([torch.full((3, 4, 4), v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)])
+    prompts = ["a", "b", "a", "c", "a"]  # three equal prompts, each with its own render
+    lookup = E.lookup_generator(prompts, imgs)
+    for batch_size in (1, 2, 16):  # positions survive the batching
+        assert torch.equal(E.generate(lookup, prompts, batch_size=batch_size), imgs)
+    assert torch.equal(lookup(["c", "b"]), imgs[[3, 1]])  # a prompt stored once is still found by its text
+    with pytest.raises(KeyError, match="positions \\[0, 2, 4\\]"):
+        lookup(["a"])  # text alone cannot tell the three apart
+    with pytest.raises(KeyError, match="no stored image"):
+        lookup(["z"])
+    # the shuffled rows stay a permutation of the stored images, one per position
+    shuffled = E.generate(E.shuffled_generator(prompts, imgs, seed=3), prompts, batch_size=2)
+    assert sorted(shuffled[:, 0, 0, 0].tolist()) == sorted(imgs[:, 0, 0, 0].tolist())
+    assert all(not torch.equal(shuffled[i], imgs[i]) for i in range(5))
 
 
 def test_prompt_loaders(tmp_path):

@@ -24,7 +24,9 @@ def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16,
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        images = generator(chunk)
+        # a positional generator (stored images) is told where each prompt sits, so equal prompts never collide
+        images = (generator(chunk, positions=list(range(i, i + len(chunk))))
+                  if getattr(generator, "positional", False) else generator(chunk))
         if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[:2] != (len(chunk), 3):
             shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
             raise ValueError(f"a generator must return ({len(chunk)}, 3, H, W) images for {len(chunk)} prompts, got {shape}")
@@ -37,23 +39,52 @@ def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16,
     return torch.cat(out)
 
 
+class _Lookup:
+    """Stored images served by position: the i-th prompt of the evaluated list gets the i-th stored image."""
+
+    positional = True  # generate() passes each prompt's position in the evaluated list
+
+    def __init__(self, prompts: Sequence[str], images: Tensor):
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts but {images.shape[0]} images")
+        self.prompts, self.images = list(prompts), images
+
+    def __call__(self, batch: list[str], positions: Sequence[int] | None = None) -> Tensor:
+        if positions is None:
+            positions = [-1] * len(batch)
+        if len(positions) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(positions)} positions")
+        # the position decides when it holds that prompt; otherwise only a prompt stored once is found by its text
+        found = [i if 0 <= i < len(self.prompts) and self.prompts[i] == p else self._only_position(p)
+                 for i, p in zip(positions, batch)]
+        return self.images[found]
+
+    def _only_position(self, prompt: str) -> int:
+        found = [i for i, p in enumerate(self.prompts) if p == prompt]
+        if not found:
+            raise KeyError(f"no stored image for prompt {prompt!r}")
+        if len(found) > 1:  # a string alone cannot say which of the equal prompts is meant
+            raise KeyError(f"prompt {prompt!r} is stored at positions {found}: generate() over the stored "
+                           f"prompt list looks it up by position")
+        return found[0]
+
+
 def lookup_generator(prompts: Sequence[str], images: Tensor) -> Generator:
-    """Returns the stored image of each known prompt: with the dataset's renders, the ceiling of every metric."""
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts but {images.shape[0]} images")
-    index = {p: i for i, p in enumerate(prompts)}
+    """Returns the stored image of each prompt: with the dataset's renders, the ceiling of every metric.
 
-    def gen(batch: list[str]) -> Tensor:
-        missing = [p for p in batch if p not in index]
-        if missing:
-            raise KeyError(f"no stored image for prompt {missing[0]!r}")
-        return images[[index[p] for p in batch]]
-
-    return gen
+    The lookup is by (position, prompt): through :func:`generate` on the stored prompt list, the i-th prompt gets
+    the i-th image, so equal prompts keep their own images. Where the position does not hold the prompt (another
+    list, or a direct call with prompts alone), a prompt stored once is found by its text and one stored more
+    than once is refused as ambiguous.
+    """
+    return _Lookup(prompts, images)
 
 
 def shuffled_generator(prompts: Sequence[str], images: Tensor, seed: int = 0) -> Generator:
-    """Returns the stored image of *another* prompt (a random cycle): real-image quality, chance adherence."""
+    """Returns the stored image of *another* position (a random cycle): real-image quality, chance adherence.
+
+    Positional like :func:`lookup_generator`; with repeated prompts, a position may draw an equal prompt's image.
+    """
     n = len(prompts)
     if n < 2 or n != images.shape[0]:
         raise ValueError(f"need >= 2 prompts and as many images, got {n} and {images.shape[0]}")

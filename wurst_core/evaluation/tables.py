@@ -3,7 +3,10 @@
 Carbon follows Lacoste et al. (2019) as implemented by the ML CO2 Impact calculator (mlco2/impact
 ``js/grayscale.js`` ``setDetails``; docs/reference.md#carbon-estimate): energy, grid intensity and emissions are
 each rounded to two decimals, with no PUE term. The paper's Würstchen figure is 24,602 A100-hours x 0.25 kW (A100 PCIe)
-x 0.37 kg/kWh (AWS us-east-1) = 2,276 kg; SD's model-card figures use 0.30 kg/kWh.
+x 0.37 kg/kWh (AWS us-east-1) = 2,276 kg; SD's model-card figures use 0.30 kg/kWh. Rows measured here are CPU
+runs: their cost is CPU core-hours (a column of its own, never "GPU hours") and their carbon comes from a stated
+power per core through ``compute.energy_kwh`` and ``compute.carbon_kg`` (unrounded: the calculator's two decimals
+would round a CPU toy's grams to zero).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 from torch import Tensor
 
+from . import compute
 from .preference import win_rate
 from .stats import Estimate
 
@@ -63,7 +67,8 @@ def _pct(e: Estimate) -> str:
 
 @dataclass(frozen=True)
 class Table2Row:
-    """One model of Table 2. ``None`` means unknown ("–"); ``carbon_kg=None`` is estimated from ``gpu_hours``."""
+    """One model of Table 2. ``None`` means unknown ("–"); ``carbon_kg=None`` is estimated from ``gpu_hours`` (the
+    paper's GPU rows) or ``cpu_core_hours`` (runs here), whichever the row has."""
 
     model: str
     params: float | None = None
@@ -73,6 +78,7 @@ class Table2Row:
     gpu_hours: float | None = None
     train_samples: float | None = None
     carbon_kg: float | None = None
+    cpu_core_hours: float | None = None
 
 
 # The paper's Table 2 rows for Würstchen and its baselines (carbon as printed; SD rows from model cards).
@@ -85,11 +91,13 @@ PAPER_TABLE2: tuple[Table2Row, ...] = (
 
 
 def table2(rows: Sequence[Table2Row], fid_label: str = "FID", is_label: str = "IS", watts: float = 250.0,
-           kg_per_kwh: float = 0.37) -> pd.DataFrame:
-    """Table 2 form: params, sampling steps, FID, IS, GPU-hours, training samples, estimated CO2.
+           kg_per_kwh: float = 0.37, watts_per_core: float = 10.0) -> pd.DataFrame:
+    """Table 2 form: params, sampling steps, FID, IS, training cost, training samples, estimated CO2.
 
     Metric columns are named by their feature network (``FID_tiny`` is not comparable with Inception
-    FID). Estimates give a value column and a ``95% CI`` column; missing carbon is ``carbon_kg(gpu_hours)``.
+    FID). Estimates give a value column and a ``95% CI`` column. Cost has one column per unit, "GPU hours
+    (paper)" and "CPU core-hours (here)"; missing carbon is ``carbon_kg(gpu_hours, watts, kg_per_kwh)`` for a GPU
+    row and core-hours x ``watts_per_core`` x ``kg_per_kwh`` (unrounded) for a CPU row.
     """
     if not rows:
         raise ValueError("Table 2 needs at least one row")
@@ -100,8 +108,13 @@ def table2(rows: Sequence[Table2Row], fid_label: str = "FID", is_label: str = "I
             rec[label] = v.value if isinstance(v, Estimate) else v
             rec[f"{label} 95% CI"] = f"[{v.low:.4g}, {v.high:.4g}]" if isinstance(v, Estimate) else None
         carbon = r.carbon_kg
+        if carbon is None and r.gpu_hours is not None and r.cpu_core_hours is not None:
+            raise ValueError(f"{r.model}: give GPU hours or CPU core-hours, not both (their power differs)")
         if carbon is None and r.gpu_hours is not None:
             carbon = carbon_kg(r.gpu_hours, watts, kg_per_kwh)
-        rec.update({"GPU hours": r.gpu_hours, "Train samples": r.train_samples, "Est. carbon [kg CO2eq]": carbon})
+        if carbon is None and r.cpu_core_hours is not None:
+            carbon = compute.carbon_kg(compute.energy_kwh(r.cpu_core_hours, watts_per_core), kg_per_kwh)
+        rec.update({"GPU hours (paper)": r.gpu_hours, "CPU core-hours (here)": r.cpu_core_hours,
+                    "Train samples": r.train_samples, "Est. carbon [kg CO2eq]": carbon})
         records.append(rec)
     return pd.DataFrame.from_records(records).set_index("Model")

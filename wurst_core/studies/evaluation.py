@@ -6,7 +6,10 @@ prompts (chance adherence at real-image quality) and noise. For each: compositio
 KID_tiny against an independent real sample (split "val"), IS_tiny, CLIP score and PickScore-style preference with
 a judge CLIP trained apart from the conditioning text encoder (another seed, other training scenes) or
 PickScore_v1 from a local folder; the standard Inception FID/KID/IS when a weights file is given. Every number
-has a bootstrap CI. Tables follow the paper's Table 1 (preference) and Table 2 (cost and quality).
+has a bootstrap CI; KID is the headline quality number (FID is only comparable between sets of equal size). Tables
+follow the paper's Table 1 (preference) and Table 2 (cost and quality). Our runs are CPU runs: their cost is CPU
+core-hours of every training phase (train seconds x worker processes), their energy and carbon come from an assumed
+power per core; the paper's GPU hours and carbon stay in the paper's rows.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from torch import Tensor
 from .. import params, paths
 from ..data.emoji import EmojiDataset, emoji_name
 from ..data.stream import load_images
+from ..evaluation import compute
 from ..evaluation import generators as gens
 from ..evaluation.image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
 from ..evaluation.preference import ClipJudge, clip_score, load_pickscore, pick_scores
@@ -65,7 +69,8 @@ class EvaluationParams:
     inception_weights: str = ""     # torch-fidelity Inception weights file: adds the standard FID/KID/IS
     is_splits: int = param(0, ge=1)                # Inception Score splits
     n_boot: int = param(0, ge=1)                   # bootstrap resamples per metric
-    watts: float = param(250.0, gt=0)              # device power for the carbon estimate (paper: A100 PCIe, 250 W)
+    watts_per_core: float = param(10.0, gt=0)      # assumed CPU power per busy core (W) for our runs' energy/carbon
+    watts: float = param(250.0, gt=0)              # GPU power, only to recompute the paper's carbon (A100 PCIe, 250 W)
     kg_per_kwh: float = param(0.37, ge=0)          # grid carbon intensity (paper: 0.37, AWS us-east-1)
     seed: int = param(0, ge=0)
 
@@ -89,19 +94,23 @@ class EvaluationResult:
     probe_ceiling: dict[str, Estimate]            # the probe on held-out real images (compositional ceiling)
     tables: dict[str, pd.DataFrame]
     info: dict[str, Any] = field(default_factory=dict)
+    costs: dict[str, Any] = field(default_factory=dict)  # CPU core-hours per training phase, energy and carbon
 
     def summary(self) -> pd.DataFrame:
-        """One row per generator: the headline numbers (CIs in ``tables``)."""
-        keys = [k for k in ("all_correct", "FID_tiny", "KID_tiny", "IS_tiny", "CLIP_score", "FID", "IS")
+        """One row per generator: the headline numbers (CIs in ``tables``). KID leads the quality numbers; FID
+        follows, labelled as comparable only between sets of equal size (its bias depends on the sample size)."""
+        keys = [k for k in ("KID_tiny", "all_correct", "CLIP_score", "FID_tiny", "IS_tiny", "KID", "FID", "IS")
                 if k in next(iter(self.estimates.values()))]
         rows = {"probe ceiling (real images)": {"all_correct": self.probe_ceiling["all_correct"].value},
                 **{n: {k: e[k].value for k in keys} for n, e in self.estimates.items()}}
-        return pd.DataFrame(rows).T[keys]
+        labels = {k: f"{k} (equal-size sets only)" for k in ("FID_tiny", "FID")}
+        return pd.DataFrame(rows).T[keys].rename(columns=labels)
 
     def metrics(self) -> dict[str, Any]:
         """Numbers for ``metrics.json``: {generator: {metric: value, metric_ci: [low, high]}} plus info."""
         out: dict[str, Any] = {"info": self.info,
-                               "probe_ceiling": {k: v.value for k, v in self.probe_ceiling.items()}}
+                               "probe_ceiling": {k: v.value for k, v in self.probe_ceiling.items()},
+                               "training_cost": self.costs}
         for name, est in self.estimates.items():
             out[name] = {k: v.value for k, v in est.items()}
             out[name].update({f"{k}_ci": [v.low, v.high] for k, v in est.items()})
@@ -152,17 +161,57 @@ def _pipeline(p: EvaluationParams) -> tuple[Any, dict[str, Any]]:
                                                  seed=p.seed))
 
 
-def _stage_c_costs(p: EvaluationParams) -> dict[str, float | None]:
-    """Training cost of the latest 05_stage_c run: hours, samples (steps x batch) (paper Table 2 counts Stage C)."""
-    run = latest_run("05_stage_c", p.profile)
-    if run is None or p.weights_dir:
-        return {"hours": None, "samples": None}
+# the training phases behind a trained pipeline, with the table's label of each
+TRAINING_PHASES = {"01_text_encoder": "text encoder (tiny CLIP)", "03_stage_a": "Stage A",
+                   "04_stage_b": "Stage B + compressor", "05_stage_c": "Stage C"}
+
+
+def _phase_cost(notebook: str, profile: str) -> dict[str, Any] | None:
+    """CPU cost of the latest run of a training notebook: train seconds x worker processes (one core each)."""
+    run = latest_run(notebook, profile)
+    if run is None:
+        return None
     m, cfg = run.metrics(), json.loads((run.dir / "config.json").read_text())
-    hours = m.get("train_seconds")
-    samples = m.get("steps", cfg.get("steps"))
-    batch = cfg.get("batch_size")
-    return {"hours": hours / 3600 if hours is not None else None,
-            "samples": samples * batch * cfg.get("grad_accum", 1) if samples and batch else None}
+    seconds = m.get("train_seconds")
+    workers = int(cfg.get("workers") or 1)  # 01 trains in one process; 03-05 in `workers` forked processes
+    return {"run": f"{notebook}/{run.run_id}", "train_seconds": seconds, "workers": workers,
+            "core_hours": compute.core_hours(seconds, workers) if seconds is not None else None,
+            "steps": m.get("steps", cfg.get("steps")), "batch": cfg.get("batch_size"),
+            "grad_accum": cfg.get("grad_accum", 1)}
+
+
+def _training_costs(p: EvaluationParams) -> dict[str, dict[str, Any] | None]:
+    """Every training phase's CPU cost (None: no run, or ``weights_dir`` names weights not trained here)."""
+    if p.weights_dir:
+        return {nb: None for nb in TRAINING_PHASES}
+    return {nb: _phase_cost(nb, p.profile) for nb in TRAINING_PHASES}
+
+
+def _energy(core_hours: float | None, p: EvaluationParams) -> tuple[float | None, float | None]:
+    # kWh at the assumed watts per core, then kg CO2eq at the grid's intensity (unrounded: grams matter here)
+    if core_hours is None:
+        return None, None
+    kwh = compute.energy_kwh(core_hours, p.watts_per_core)
+    return kwh, compute.carbon_kg(kwh, p.kg_per_kwh)
+
+
+def _cost_table(phases: dict[str, dict[str, Any] | None], p: EvaluationParams) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The CPU cost of every training phase and their total (total unknown when any phase is), as a table and as
+    numbers for ``metrics.json``."""
+    hours = {nb: (c or {}).get("core_hours") for nb, c in phases.items()}
+    total = None if any(h is None for h in hours.values()) else sum(hours.values())
+    rows = []
+    for nb, c in phases.items():
+        c, (kwh, kg) = c or {}, _energy(hours[nb], p)
+        rows.append({"phase": TRAINING_PHASES[nb], "run": c.get("run"), "train seconds": c.get("train_seconds"),
+                     "workers": c.get("workers"), "CPU core-hours": hours[nb], "energy [kWh]": kwh,
+                     "est. carbon [kg CO2eq]": kg})
+    kwh, kg = _energy(total, p)
+    rows.append({"phase": "total", "run": "", "train seconds": None, "workers": None, "CPU core-hours": total,
+                 "energy [kWh]": kwh, "est. carbon [kg CO2eq]": kg})
+    numbers = {"core_hours": {**hours, "total": total}, "energy_kwh": kwh, "carbon_kg": kg,
+               "watts_per_core": p.watts_per_core, "kg_per_kwh": p.kg_per_kwh}
+    return pd.DataFrame.from_records(rows).set_index("phase"), numbers
 
 
 def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
@@ -210,31 +259,46 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
             est.update(image_quality(real, extract(x, imgs), splits=p.is_splits, n_boot=p.n_boot, seed=p.seed))
         est["CLIP_score"] = clip_score(judge, prompts, imgs, p.n_boot, p.seed)
         estimates[name] = est
-        log(f"{name}: all-correct {est['all_correct']}, FID_tiny {est['FID_tiny']}")
+        log(f"{name}: all-correct {est['all_correct']}, KID_tiny {est['KID_tiny']}, FID_tiny {est['FID_tiny']}")
     scores = pick_scores(judge, prompts, images)
 
-    cost = _stage_c_costs(p) if trained else {"hours": 0.0, "samples": 0}
+    phases = _training_costs(p)
+    cost_table, costs = _cost_table(phases, p)
+    c = phases["05_stage_c"] or {}
+    samples = c["steps"] * c["batch"] * c["grad_accum"] if c.get("steps") and c.get("batch") else None
+    # random weights trained nothing; a trained pipeline counts its 05 run (unknown for weights_dir)
+    stage_c_hours, stage_c_samples = (c.get("core_hours"), samples) if trained else (0.0, 0)
     rows = []
     for name, est in estimates.items():
         row = Table2Row(name, fid=est["FID_tiny"], inception_score=est["IS_tiny"])
-        if name == model_name:  # Table 2 counts Stage C: its parameters, steps, training hours and samples
+        if name == model_name:  # Table 2 counts Stage C: its parameters, steps, CPU core-hours and samples
             row = dataclasses.replace(row, params=float(sum(q.numel() for q in pipe.stage_c.parameters())),
-                                      sampling_steps=p.prior_steps, gpu_hours=cost["hours"],
-                                      train_samples=cost["samples"])
+                                      sampling_steps=p.prior_steps, cpu_core_hours=stage_c_hours,
+                                      train_samples=stage_c_samples)
         rows.append(row)
     tables = {
         "table1_preference": table1(scores, reference=model_name if trained else None, n_boot=p.n_boot, seed=p.seed),
-        "table2_cost_quality": table2(rows, "FID_tiny", "IS_tiny", p.watts, p.kg_per_kwh),
+        "table2_cost_quality": table2(rows, "FID_tiny", "IS_tiny", kg_per_kwh=p.kg_per_kwh,
+                                      watts_per_core=p.watts_per_core),
+        "training_cost": cost_table,
         "table2_paper": table2(PAPER_TABLE2),
         "compositional": _estimates_table({"probe on real images (ceiling)": ceiling,
                                            **{n: e for n, e in estimates.items()}},
                                           [k for k in ceiling]),
-        "quality": _estimates_table(estimates, [k for k in next(iter(estimates.values())) if k not in ceiling]),
+        "quality": _estimates_table(estimates, _quality_keys(estimates, ceiling)),
     }
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
             "judge": judge_name, "probe": dataclasses.asdict(cfg), "inception": bool(inception),
-            "carbon_check_kg": carbon_kg(24_602, 250, 0.37), "seconds": time.time() - t0}
-    return EvaluationResult(prompts, images, estimates, ceiling, tables, info)
+            "headline_quality": "KID_tiny (FID_tiny is only comparable between sets of equal size)",
+            # the paper's own figure recomputed: 24,602 A100 hours at `watts` and its 0.37 kg/kWh (250 W: 2,276 kg)
+            "carbon_check_kg": carbon_kg(24_602, p.watts, 0.37), "seconds": time.time() - t0}
+    return EvaluationResult(prompts, images, estimates, ceiling, tables, info, costs)
+
+
+def _quality_keys(estimates: dict[str, dict[str, Estimate]], ceiling: dict[str, Estimate]) -> list[str]:
+    # KID before FID: KID is the headline, FID is only comparable between sets of equal size
+    keys = [k for k in next(iter(estimates.values())) if k not in ceiling]
+    return sorted(keys, key=lambda k: (not k.startswith("KID"), keys.index(k)))
 
 
 def _estimates_table(estimates: dict[str, dict[str, Estimate]], columns: list[str]) -> pd.DataFrame:

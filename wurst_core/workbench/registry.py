@@ -31,7 +31,7 @@ NOTEBOOKS: dict[str, Entry] = {
     "02_architecture": Entry("Architecture: parameters, FLOPs, latent shapes", ArchitectureParams),
     "03_stage_a": Entry("Stage A: f4 VQGAN", StageAParams),
     "04_stage_b": Entry("Stage B: latent decoder with the Semantic Compressor", StageBParams),
-    "05_stage_c": Entry("Stage C: text-conditional prior at 42:1", StageCParams),
+    "05_stage_c": Entry("Stage C: text-conditional prior (42:1 released; 16:1 on tiny)", StageCParams),
     "06_sampling": Entry("Sampling: the three-stage pipeline", SamplingParams),
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
