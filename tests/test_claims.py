@@ -2,7 +2,9 @@
 and the oracle judge, each on constructed cases with known answers."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import math
 
 import pandas as pd
@@ -11,8 +13,10 @@ import torch
 import torch.nn as nn
 
 from wurst_core import evaluation as E
+from wurst_core import paths
 from wurst_core.evaluation import compute as C
 from wurst_core.evaluation.probe import ProbeSpec
+from wurst_core.studies.claims import EQUAL_COMPUTE, LATER, compare_with_baseline, measured_claims, stated_claims
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -153,7 +157,7 @@ def test_claims_table_columns_and_rule_text():
               E.Claim("cheaper", "8x", E.Estimate(0.5, -1.0, 2.0))]
     df = E.claims_table(claims)
     assert isinstance(df, pd.DataFrame)
-    assert list(df.columns) == ["claim", "paper", "measured", "rule", "verdict"]
+    assert list(df.columns) == ["claim", "paper", "measurement", "measured", "rule", "verdict"]
     assert list(df["verdict"]) == ["supported", "refuted", "inconclusive at this scale"]
     assert df.loc[0, "rule"] == claims[0].rule and "> 55" in df.loc[0, "rule"] and "95% CI" in df.loc[0, "rule"]
     assert "< 0" in df.loc[1, "rule"]
@@ -169,6 +173,38 @@ def test_claim_refuses_an_unclear_rule():
         E.Claim("x", "y", E.Estimate(0, 0, 0), margin=-1.0)
     with pytest.raises(TypeError, match="Estimate"):
         E.Claim("x", "y", 3.0)
+    with pytest.raises(ValueError, match="no rule"):
+        E.Claim("x", "y", E.Estimate(1, 0, 2), direction=None)  # a measurement needs a rule to be judged by
+    with pytest.raises(ValueError, match="level"):
+        E.Claim("x", "y", E.Estimate(1, 0, 2, level=0.9))  # the rule reads a 95% interval
+
+
+def test_claim_not_measured_yet():
+    planned = E.Claim("faster inference", "Figure 4: over twice as fast", direction=None,
+                      measure="seconds per image against batch size, same run")
+    assert planned.measured is None and E.verdict(planned) == E.NOT_MEASURED == "not measured yet"
+    assert planned.rule == E.claims.NO_RULE
+    stated = E.Claim("beats the baseline", "Table 1", measure="paired difference, points")  # rule fixed, no value yet
+    assert E.verdict(stated) == E.NOT_MEASURED and "> 0" in stated.rule
+    measured = dataclasses.replace(stated, measured=E.Estimate(3.0, 1.0, 5.0))
+    assert measured.rule == stated.rule and E.verdict(measured) == E.SUPPORTED  # measuring leaves the rule alone
+    df = E.claims_table([measured, planned])
+    assert list(df["verdict"]) == ["supported", "not measured yet"]
+    assert list(df["measured"]) == ["3 [1, 5]", "-"]
+    assert df.loc[1, "measurement"] == planned.measure and df.loc[1, "rule"] == E.claims.NO_RULE
+    with pytest.raises(ValueError, match="what will measure it"):
+        E.Claim("x", "y")  # an unmeasured claim must say what will measure it
+
+
+def test_the_notebook_states_the_measured_rule_before_its_results():
+    cells = json.loads((paths.NOTEBOOKS / "07_evaluation.ipynb").read_text())["cells"]
+    sources = ["".join(c["source"]) for c in cells]
+    stated = next(i for i, t in enumerate(sources) if EQUAL_COMPUTE.rule in t)  # the rule verbatim, in markdown
+    assert cells[stated]["cell_type"] == "markdown"
+    printed = next(i for i, t in enumerate(sources) if "stated_claims()" in t and ".rule" in t)
+    results = next(i for i, t in enumerate(sources) if "run_evaluation(" in t and cells[i]["cell_type"] == "code")
+    assert stated < printed < results
+    assert stated_claims()[0] is EQUAL_COMPUTE and all(E.verdict(c) == E.NOT_MEASURED for c in LATER)
 
 
 # ----------------------------------------------------------------------------------------------- oracle judge
@@ -222,3 +258,45 @@ def test_judge_agreement_counts_ties_half():
         E.judge_agreement(oracle, oracle[:3])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         E.judge_agreement(oracle, oracle + 1)
+
+
+# ----------------------------------------------------------------------------------------------- against the baseline
+def _checks(all_correct: list[float], cell_iou: list[float]) -> dict[str, torch.Tensor]:
+    ok = torch.tensor(all_correct, dtype=torch.float64)
+    return {"count": ok, "position": ok, "all_correct": ok, "cell_iou": torch.tensor(cell_iou, dtype=torch.float64)}
+
+
+def test_comparison_with_the_baseline_pairs_each_seed_and_pools():
+    p = 40
+    model = _checks([1.0] * 30 + [0.0] * 10, [1.0] * 40)
+    seeds = {"b0": _checks([1.0] * 10 + [0.0] * 30, [0.5] * 40), "b1": _checks([1.0] * 20 + [0.0] * 20, [0.5] * 40)}
+    scores = {"W": torch.ones(p), "b0": torch.zeros(p), "b1": torch.zeros(p)}
+    cmp = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b0", "b1"], n_boot=50)
+    b0 = cmp.per_seed["b0"]
+    assert b0["all_correct_diff"].value == pytest.approx(50.0)  # 75 % against 25 %, in points
+    assert b0["cell_iou_diff"].value == pytest.approx(50.0) and b0["cell_iou_diff"].low == pytest.approx(50.0)
+    assert b0["judge_win"].value == 100.0  # the judge always prefers W here
+    assert b0["oracle_win"].value == pytest.approx(100 * (20 + 0.5 * 20) / 40)  # W passes more on 20, ties on 20
+    assert b0["judges_agree"].value == pytest.approx(100 * (20 + 0.5 * 20) / 40)
+    assert b0["all_correct_diff"].n == p and inspect.signature(compare_with_baseline).parameters["n_boot"].default >= 1000
+    pooled = cmp.pooled
+    assert pooled["all_correct_diff"].value == pytest.approx(37.5) and pooled["all_correct_diff"].n == 2 * p
+    assert cmp.headline is pooled["all_correct_diff"]
+    assert list(cmp.table().index) == ["b0", "b1", "pooled over 2 seeds"]
+    assert cmp.numbers()["pooled"]["all_correct_diff"] == pytest.approx(37.5)
+    claims = measured_claims(cmp, "08_baseline/x")
+    assert claims[0].measured is cmp.headline and E.verdict(claims[0]) == E.SUPPORTED
+    assert claims[0].rule == EQUAL_COMPUTE.rule and "08_baseline/x" in claims[0].measure
+    assert claims[1:] == list(LATER)
+
+    single = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b1"])
+    assert single.pooled is None and single.headline is single.per_seed["b1"]["all_correct_diff"]
+    assert "one seed" in measured_claims(single, "x")[0].measure
+    with pytest.raises(ValueError, match="at least one baseline"):
+        compare_with_baseline({"W": model}, scores, "W", [])
+
+
+def test_claims_without_a_baseline_run_are_not_measured():
+    claims = measured_claims(None, "no 08_baseline run yet")
+    assert [E.verdict(c) for c in claims] == [E.NOT_MEASURED] * len(stated_claims())
+    assert "no 08_baseline run yet" in claims[0].measure and claims[0].rule == EQUAL_COMPUTE.rule

@@ -333,6 +333,60 @@ def test_generators_and_generate():
         E.generate(lambda p: torch.rand(len(p), 1, 8, 8), prompts)
 
 
+def test_per_prompt_seeds_follow_the_position_not_the_batch():
+    def draw(prompts, generators):  # a sampler: one noise image per prompt, each from its own generator
+        return torch.stack([torch.rand(3, 4, 4, generator=g) for g in generators])
+
+    prompts = ["a", "b", "a", "c", "d"]
+    a = E.generate(E.per_prompt_generator(draw, seed=5), prompts, batch_size=2)
+    assert torch.equal(a, E.generate(E.per_prompt_generator(draw, seed=5), prompts, batch_size=16))
+    assert not torch.equal(a[0], a[2])  # equal prompts, other positions: other seeds
+    assert not torch.equal(a, E.generate(E.per_prompt_generator(draw, seed=6), prompts))
+    first = E.prompt_generators(5, [3])[0]  # the seed of a position is the same in any system
+    assert torch.equal(a[3], torch.rand(3, 4, 4, generator=first))
+    with pytest.raises(ValueError, match="position"):
+        E.per_prompt_generator(draw)(["a"])  # called outside generate(): no positions
+
+    class Pipe:  # the pipeline's call signature; records the generators it is given
+        def __call__(self, batch, generator=None, **kw):
+            self.generator = generator
+            return torch.rand(len(batch), 3, 4, 4)
+
+    pipe = Pipe()
+    E.generate(E.pipeline_generator(pipe, 4, per_prompt=True), prompts, batch_size=2)
+    assert isinstance(pipe.generator, list) and len(pipe.generator) == 1  # the last batch: one prompt
+    E.generate(E.pipeline_generator(pipe, 4), prompts, batch_size=2)
+    assert isinstance(pipe.generator, torch.Generator)  # without per_prompt: one stream, as before
+
+
+def test_evaluation_skips_the_baseline_cleanly_without_an_08_run():
+    from wurst_core import paths
+    from wurst_core.studies import evaluation as study
+    from wurst_core.studies.claims import EQUAL_COMPUTE, measured_claims
+
+    p = study.EvaluationParams(profile="smoke")
+    assert study.baseline_run_for(p, trained=True) == (None, "no 08_baseline run yet")  # no run folder at all
+    result = study.EvaluationResult([], {}, {}, {}, {}, claims=measured_claims(None, study.NO_BASELINE))
+    metrics = result.metrics()
+    assert metrics["baseline"] == "no 08_baseline run yet"
+    assert metrics["claims"][0]["claim"] == EQUAL_COMPUTE.name and metrics["claims"][0]["measured"] is None
+    assert {c["verdict"] for c in metrics["claims"]} == {"not measured yet"}
+    # an 08 run is used only when it was budgeted on the Stage C run evaluated, and only for weights trained here
+    for nb, run_id, metrics_ in (("05_stage_c", "20260101-000000", {}),
+                                 ("08_baseline", "20260101-000001", {"upstream": {"stage_c": "05_stage_c/old"}})):
+        folder = paths.runs_dir() / nb / "smoke" / run_id
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics_))
+    run, why = study.baseline_run_for(p, trained=True)
+    assert run is None and "budgeted on 05_stage_c/old" in why and "05_stage_c/20260101-000000" in why
+    assert study.baseline_run_for(p, trained=False)[0] is None
+    assert "weights_dir" in study.baseline_run_for(dataclasses.replace(p, weights_dir="x"), trained=True)[1]
+    (paths.runs_dir() / "08_baseline/smoke/20260101-000001/metrics.json").write_text(
+        json.dumps({"upstream": {"stage_c": "05_stage_c/20260101-000000"}}))
+    run, name = study.baseline_run_for(p, trained=True)
+    assert run.run_id == "20260101-000001" and name == "08_baseline/20260101-000001"
+
+
 def test_duplicate_prompts_keep_their_own_images():
     imgs = torch.stack([torch.full((3, 4, 4), v) for v in (0.1, 0.2, 0.3, 0.4, 0.5)])
     prompts = ["a", "b", "a", "c", "a"]  # three equal prompts, each with its own render

@@ -49,6 +49,8 @@ def test_every_notebook_is_in_the_ordered_runner():
     assert NOTEBOOKS, "no notebooks"
     assert [p.stem for p in NOTEBOOKS if p.stem not in NOTEBOOK_ORDER] == []
     assert notebooks() == [n for n in NOTEBOOK_ORDER if (ROOT / "notebooks" / f"{n}.ipynb").exists()]
+    # the run order is the registry's, not the file numbers': 07 evaluates the baseline that 08 trains
+    assert NOTEBOOK_ORDER.index("08_baseline") < NOTEBOOK_ORDER.index("07_evaluation")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -154,6 +156,28 @@ def test_run_folder_layout_and_report(tmp_path):
     assert "figures/00_data/curve.png" in text and (index.parent / "figures/00_data/curve.png").exists()
     assert "No `smoke` run of `notebooks/03_stage_a.ipynb`" in text
     assert runs.latest_run("00_data", "smoke").run_id == run.run_id
+
+
+def test_report_opens_with_the_claims_table_of_the_latest_evaluation_run():
+    import pandas as pd
+
+    intro = "procedural dataset: its numbers are not comparable with the paper's."
+    text = report.build_report("smoke", ["00_data"]).read_text()
+    assert "## Claims of the paper\n\n_No claims table yet" in text  # no 07 run: the section says so
+    runs.start_run("00_data", "smoke", {"profile": "smoke"}).save_metrics({"a": 1})
+    old = runs.start_run("07_evaluation", "smoke", {"profile": "smoke"}, run_id="20260101-000000")
+    old.save_metrics({"x": 1})
+    old.save_table("claims", pd.DataFrame({"claim": ["old claim"], "verdict": ["refuted"]}))
+    run = runs.start_run("07_evaluation", "smoke", {"profile": "smoke"}, run_id="20260102-000000")
+    run.save_metrics({"x": 2})
+    table = run.save_table("claims", pd.DataFrame({"claim": ["beats the baseline"], "verdict": ["supported"]}))
+    text = report.build_report("smoke", ["00_data", "07_evaluation"]).read_text()
+    head, rest = text.split("## Claims of the paper\n", 1)
+    assert head.rstrip().endswith(intro)  # right after the intro paragraph, before any notebook's section
+    section = rest.split("\n## ", 1)[0]
+    assert table.read_text().rstrip() in section and "old claim" not in section  # the latest 07 run's, verbatim
+    assert "20260102-000000" in section
+    assert text.index("## Claims of the paper") < text.index("## Data") < text.index("## Evaluation")
 
 
 def test_interrupted_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -183,3 +183,16 @@ def test_randn_matches_torch_randn():
     expect = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
     assert torch.equal(randn((2, 3), torch.Generator().manual_seed(4)), expect)
     assert randn((2, 3)).shape == (2, 3)
+
+
+def test_one_generator_per_row_makes_each_row_independent_of_its_batch():
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    rows = randn((3, 2, 2), gens(7, 8, 9))
+    assert torch.equal(rows[1], torch.randn(1, 2, 2, generator=torch.Generator().manual_seed(8))[0])
+    together = sample(toy_denoiser, (2, 4, 3, 3), 5, generator=gens(1, 2))
+    alone = sample(toy_denoiser, (1, 4, 3, 3), 5, generator=gens(2))
+    torch.testing.assert_close(together[1:], alone)  # row 1 drew from its own generator at every step
+    with pytest.raises(ValueError, match="one per batch row"):
+        randn((3, 2), gens(1, 2))

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .diffusion import CosineSchedule, diffuse
-from .diffusion.samplers import make_timesteps, randn, sample
+from .diffusion.samplers import RNG, make_timesteps, randn, sample
 from .io import atomic_write, write_json
 from .models.semantic import LATENT_SCALINGS, LatentScaling, preprocess
 from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, check_memory, check_sampling_args, estimate_memory,
@@ -297,7 +297,7 @@ class Pipeline:
     def sample_stage_c(self, text_embeds: Tensor, negative_text_embeds: Tensor | None = None, *,
                        height: int = 1024, width: int = 1024, steps: int = 60,
                        timesteps: Sequence[float] | Tensor | None = None, guidance: float = 4.0,
-                       generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                       generator: RNG | None = None, callback: StageCallback | None = None,
                        progress: bool = False, sampler: str = "ddpm", start: Tensor | None = None) -> Tensor:
         """Stage C: text tokens (B, L, c_cond) -> image embeddings (B, 16, ceil(H/42.67), ceil(W/42.67)) in the
         RAW Semantic Compressor space (``unscale_stage_c``: ``x*42 - 1`` with the v2 scaling), ready for Stage B.
@@ -325,7 +325,7 @@ class Pipeline:
     def sample_stage_b(self, image_embeds: Tensor, text_embeds: Tensor, negative_text_embeds: Tensor | None = None,
                        *, steps: int = 12, timesteps: Sequence[float] | Tensor | None = None,
                        guidance: float = 0.0, latent_size: tuple[int, int] | None = None,
-                       generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                       generator: RNG | None = None, callback: StageCallback | None = None,
                        progress: bool = False, sampler: str = "ddpm") -> Tensor:
         """Stage B: image embeddings (B, 16, h, w, raw compressor space) + text tokens -> Stage A latents
         (B, 4, int(h*10.67), int(w*10.67)) or ``latent_size``. The unconditional branch (guidance > 1) gets the
@@ -364,14 +364,15 @@ class Pipeline:
                  prior_timesteps: Sequence[float] | Tensor | None = None, prior_guidance: float | None = None,
                  decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
                  decoder_guidance: float | None = None, num_images_per_prompt: int = 1,
-                 generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                 generator: RNG | None = None, callback: StageCallback | None = None,
                  progress: bool = False, sampler: str = "ddpm") -> Tensor:
         """Text to images: float tensor (B * num_images_per_prompt, 3, H', W') in [0, 1].
 
         ``prompts``: a string or a list (different prompts are fine). ``negative_prompts``: one string or one per
         prompt, used by whichever stage has guidance > 1 (default: the empty prompt). Precomputed text
         embeddings (B, 77, width) replace the prompts of either stage; without prompts the decoder text defaults
-        to the empty prompt (as diffusers). Use a CPU ``generator`` for results that match diffusers' on any device.
+        to the empty prompt (as diffusers). Use a CPU ``generator`` for results that match diffusers' on any device; a
+        list of one generator per image draws each image's noise from its own generator (as diffusers).
         ``sampler``: "ddpm" (the paper's, diffusers') or "ddim" (deterministic), for both stages.
         ``prior_guidance`` / ``decoder_guidance``: None takes the pipeline's own (``Pipeline(...)``, ``pipeline.json``).
         """
@@ -440,7 +441,7 @@ class Pipeline:
     @torch.no_grad()
     def reconstruct(self, images: Tensor, prompts: Prompts = None, *, decoder_text_embeds: Tensor | None = None,
                     decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
-                    decoder_guidance: float | None = None, generator: torch.Generator | None = None,
+                    decoder_guidance: float | None = None, generator: RNG | None = None,
                     progress: bool = False) -> Tensor:
         """Image -> Semantic Compressor -> Stage B -> Stage A (paper §3.1, Figure 2's training path): how much of
         the image survives the 42x compressed map. Same size out as in; text: the caption or the empty prompt.
@@ -460,7 +461,7 @@ class Pipeline:
     @torch.no_grad()
     def resample(self, images: Tensor, prompts: Prompts, *, strength: float = 0.6, prior_steps: int = 60,
                  prior_guidance: float | None = None, decoder_steps: int = 12, decoder_guidance: float | None = None,
-                 generator: torch.Generator | None = None, callback: StageCallback | None = None,
+                 generator: RNG | None = None, callback: StageCallback | None = None,
                  progress: bool = False) -> Tensor:
         """Image-conditioned generation (SDEdit, Meng et al. 2022) in Stage C's space: the image's compressor map is
         noised to ``t = strength`` on the prior's schedule and denoised with ``prompts`` from there
@@ -492,7 +493,7 @@ class Pipeline:
     @torch.no_grad()
     def variations(self, images: Tensor, num_variations: int = 4, *, decoder_text_embeds: Tensor | None = None,
                    decoder_steps: int = 12, decoder_guidance: float | None = None,
-                   generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+                   generator: RNG | None = None, progress: bool = False) -> Tensor:
         """Image variation: the image's compressor map -> Stage B with the empty prompt, ``num_variations``
         different noises per image -> (B * num_variations, 3, H, W); variations of image i are rows
         ``i*num_variations ...``. What differs between them is what the 16-channel map does not pin down.

@@ -10,7 +10,8 @@
 
 RNG parity with diffusers: the initial noise is drawn first, then DDPM draws ``z`` at *every* step, the last
 (deterministic, ``t_prev = 0``) one included, all from the same generator; a CPU generator draws on the CPU and the
-result is moved to the target device (as diffusers' ``randn_tensor``).
+result is moved to the target device (as diffusers' ``randn_tensor``). A list of generators, one per batch row (as
+diffusers takes), draws each row from its own generator: a row's noise then does not depend on the batch it is in.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ DEFAULT_STAGE_C_TIMESTEPS: tuple[float, ...] = tuple(
 
 Denoiser = Callable[..., Tensor]
 Callback = Callable[[int, Tensor, Tensor], Any]
+RNG = torch.Generator | Sequence[torch.Generator]  # one generator, or one per batch row
 
 
 def eps_denoiser(denoise: Denoiser, target: str = "eps", schedule: CosineSchedule = CosineSchedule()) -> Denoiser:
@@ -77,9 +79,14 @@ def make_timesteps(steps: int | Sequence[float] | Tensor, device: torch.device |
     return ts
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+def randn(shape: Sequence[int], generator: RNG | None = None, device: torch.device | str = "cpu",
           dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise; a CPU generator draws on the CPU, then the tensor moves (diffusers ``randn_tensor``)."""
+    """Standard normal noise; a CPU generator draws on the CPU, then the tensor moves (diffusers ``randn_tensor``).
+    A list of generators draws row ``i`` of the batch from ``generator[i]``."""
+    if isinstance(generator, (list, tuple)):
+        if len(shape) == 0 or len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for shape {tuple(shape)}: pass one per batch row")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     device = torch.device(device)
     rand_device = generator.device if generator is not None else device
     if generator is not None and rand_device.type != device.type and rand_device.type != "cpu":
@@ -138,12 +145,13 @@ def _cat_cond(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[str, A
 @torch.no_grad()
 def sample(denoise: Denoiser, shape_or_x: Sequence[int] | Tensor, timesteps: int | Sequence[float] | Tensor = 20,
            cond: Mapping[str, Any] | None = None, uncond: Mapping[str, Any] | None = None, guidance: float = 1.0,
-           sampler: str = "ddpm", generator: torch.Generator | None = None, callback: Callback | None = None,
+           sampler: str = "ddpm", generator: RNG | None = None, callback: Callback | None = None,
            progress: bool = False, *, eta: float = 0.0, schedule: CosineSchedule = CosineSchedule(),
            device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Run the reverse process from ``t = timesteps[0]`` to ``timesteps[-1]`` and return the final ``x``.
 
-    ``shape_or_x``: a shape (the start noise is drawn from ``generator``) or a start tensor. ``timesteps``: a
+    ``shape_or_x``: a shape (the start noise is drawn from ``generator``, or row by row from a list of one generator
+    per row) or a start tensor. ``timesteps``: a
     number of steps (uniform in t) or a custom decreasing list such as ``DEFAULT_STAGE_C_TIMESTEPS``.
     ``denoise(x, r, **cond)`` returns eps; with ``guidance > 1`` it is called once per step on the doubled batch
     ``cat([cond, uncond])`` and ``eps = lerp(eps_uncond, eps_cond, guidance)``. ``callback(i, t, x)`` receives the

@@ -13,22 +13,24 @@ One module per topic:
 * ``sensitivity``: :func:`caption_sensitivity` (which caption attributes a trained prior reads: its loss with
   counterfactual captions, :func:`counterfactual_captions`).
 * ``tables``: :func:`table1`, :func:`table2`, :func:`carbon_kg`, :data:`PAPER_TABLE2`.
-* ``generators``: ``prompts -> images`` callables and reference rows.
+* ``generators``: ``prompts -> images`` callables, per-prompt seeds (:func:`per_prompt_generator`), reference rows.
 * ``pixels``: PSNR and SSIM; ``text_layout``: the probe of what layout text tokens carry.
 * ``compute``: FLOPs per training step / forward pass (:func:`training_flops`, :func:`forward_flops`) and CPU
   :func:`core_hours` -> :func:`energy_kwh` -> kg CO2eq (``carbon_kg_from_kwh``; not the GPU-hours ``carbon_kg``).
 * ``stats`` also: :func:`paired_difference`, :func:`pooled_over_seeds`, :func:`pooled_paired_difference`.
-* ``claims``: :class:`Claim` with a decision rule stated up front, :func:`verdict`, :func:`claims_table`.
+* ``claims``: :class:`Claim` with a decision rule stated up front (or not measured yet), :func:`verdict`,
+  :func:`claims_table`.
 * ``oracle``: the oracle judge from attribute checks (:func:`oracle_outcomes`) and :func:`judge_agreement`.
 
 The notebook's evaluation study is ``wurst_core.studies.evaluation``.
 """
 from __future__ import annotations
 
-from .claims import INCONCLUSIVE, REFUTED, SUPPORTED, Claim, Verdict, claims_table, verdict
+from .claims import INCONCLUSIVE, NOT_MEASURED, REFUTED, SUPPORTED, Claim, Verdict, claims_table, verdict
 from .compute import StepFlops, core_hours, energy_kwh, forward_flops, step_flops, training_flops
 from .compute import carbon_kg as carbon_kg_from_kwh
-from .generators import Generator, generate, lookup_generator, noise_generator, pipeline_generator, shuffled_generator
+from .generators import (Generator, generate, lookup_generator, noise_generator, per_prompt_generator,
+                         pipeline_generator, prompt_generators, shuffled_generator)
 from .image_metrics import (FID_SIZE, IS_SIZE, FeatureSet, InceptionExtractor, ProbeExtractor, extract, fid,
                             image_quality, inception_score, kid)
 from .oracle import attribute_scores, judge_agreement, oracle_outcomes, oracle_scene_outcomes, pairwise_agreement
@@ -44,6 +46,7 @@ from .tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
 
 __all__ = [
     "Generator", "generate", "lookup_generator", "noise_generator", "pipeline_generator", "shuffled_generator",
+    "per_prompt_generator", "prompt_generators",
     "FID_SIZE", "IS_SIZE", "FeatureSet", "InceptionExtractor", "ProbeExtractor", "extract", "fid", "image_quality",
     "inception_score", "kid",
     "ClipJudge", "clip_preprocess", "clip_score", "load_pickscore", "pairwise_outcomes", "pick_scores",
@@ -55,6 +58,6 @@ __all__ = [
     "PAPER_TABLE2", "Table2Row", "carbon_kg", "table1", "table2",
     "StepFlops", "step_flops", "training_flops", "forward_flops", "core_hours", "energy_kwh", "carbon_kg_from_kwh",
     "paired_difference", "pooled_over_seeds", "pooled_paired_difference",
-    "Claim", "Verdict", "SUPPORTED", "REFUTED", "INCONCLUSIVE", "verdict", "claims_table",
+    "Claim", "Verdict", "SUPPORTED", "REFUTED", "INCONCLUSIVE", "NOT_MEASURED", "verdict", "claims_table",
     "attribute_scores", "oracle_outcomes", "oracle_scene_outcomes", "pairwise_agreement", "judge_agreement",
 ]

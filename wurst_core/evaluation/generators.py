@@ -1,7 +1,9 @@
 """Generators to compare: any callable ``prompts -> images (B,3,H,W) in [0,1]`` plugs in.
 
 A trained Würstchen, a checkpoint at another step, another architecture, or released weights on a machine that has
-them are all wrapped the same way (:func:`pipeline_generator` for a ``wurst_core.Pipeline``). Reference rows make
+them are all wrapped the same way (:func:`pipeline_generator` for a ``wurst_core.Pipeline``). Systems compared prompt
+by prompt draw with per-prompt seeds (:func:`per_prompt_generator`): prompt ``i`` gets the same seed in every system,
+and its image does not depend on the batch it was drawn in. Reference rows make
 the tables readable before any model is trained: the ground-truth renders of the prompts (the ceiling), the renders
 of other prompts (the chance floor of prompt adherence, at real-image quality) and uniform noise.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -101,15 +104,49 @@ def noise_generator(size: int = 64, seed: int = 0) -> Generator:
     return lambda batch: torch.rand(len(batch), 3, size, size, generator=gen)
 
 
+def prompt_generators(seed: int, positions: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per prompt, seeded from ``(seed, position)``: the same seed and position give the same
+    generator in every system and in any batch."""
+    if seed < 0 or any(i < 0 for i in positions):
+        raise ValueError(f"seed and positions must be >= 0, got {seed} and {list(positions)}")
+    # SeedSequence mixes the pair into 32 bits: torch's CPU generator keeps only a seed's low 32 bits
+    return [torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            for i in positions]
+
+
+class _PerPrompt:
+    """``sample(prompts, generators)`` called with one generator per prompt, from each prompt's position."""
+
+    positional = True  # generate() passes each prompt's position in the evaluated list
+
+    def __init__(self, sample: Callable[[list[str], list[torch.Generator]], Tensor], seed: int):
+        self.sample, self.seed = sample, seed
+
+    def __call__(self, batch: list[str], positions: Sequence[int] | None = None) -> Tensor:
+        if positions is None or len(positions) != len(batch):
+            raise ValueError("per-prompt seeds need each prompt's position: draw through generate()")
+        return self.sample(list(batch), prompt_generators(self.seed, positions))
+
+
+def per_prompt_generator(sample: Callable[[list[str], list[torch.Generator]], Tensor], seed: int = 0) -> Generator:
+    """A sampler that takes one generator per prompt (``sample(prompts, generators)``; the samplers draw row ``i``
+    from ``generators[i]``) as a generator with per-prompt seeds (:func:`prompt_generators`): two systems drawn with
+    the same ``seed`` get the same seed for each prompt, whatever the batches. Positional, like
+    :func:`lookup_generator`: draw through :func:`generate`."""
+    return _PerPrompt(sample, seed)
+
+
 def pipeline_generator(pipe: Any, size: int, prior_steps: int = 60, decoder_steps: int = 12,
                        prior_guidance: float | None = None, decoder_guidance: float | None = None,
-                       seed: int = 0) -> Generator:
+                       seed: int = 0, per_prompt: bool = False) -> Generator:
     """A ``wurst_core.Pipeline`` (or anything with its call signature) as a generator; one CPU RNG for all calls,
-    so the same prompts in the same batches give the same images. Guidance None: the pipeline's own."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def call(batch: list[str]) -> Tensor:
+    so the same prompts in the same batches give the same images, or with ``per_prompt`` one generator per prompt
+    (:func:`per_prompt_generator`). Guidance None: the pipeline's own."""
+    def call(batch: list[str], gen: Any) -> Tensor:
         return pipe(batch, height=size, width=size, prior_steps=prior_steps, decoder_steps=decoder_steps,
                     prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, generator=gen)
 
-    return call
+    if per_prompt:
+        return per_prompt_generator(call, seed)
+    stream = torch.Generator().manual_seed(seed)
+    return lambda batch: call(batch, stream)

@@ -26,12 +26,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import params
+from .. import params, paths
 from ..data.stream import Stream, load_images
-from ..diffusion.samplers import sample
+from ..diffusion.samplers import RNG, sample
 from ..evaluation.compute import training_flops
 from ..models import count_parameters
-from ..models.baseline import BASELINE_SIZES, BaselineUNet, save_baseline
+from ..models.baseline import BASELINE_SIZES, BaselineUNet, load_baseline, save_baseline
 from ..params import Domain, param
 from ..runs import Run
 from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators
@@ -281,16 +281,57 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
 
 @torch.no_grad()
 def sample_grid(unet: nn.Module, stage_a: nn.Module, text: TextCache, prompts: list[str], resolution: int,
-                steps: int, guidance: float, schedule: Any, seed: int, progress: bool = False) -> torch.Tensor:
+                steps: int, guidance: float, schedule: Any, seed: int, progress: bool = False,
+                generator: RNG | None = None) -> torch.Tensor:
     """DDPM samples of the U-Net for ``prompts``, guided against empty-caption tokens as 05's pipeline guides
-    Stage C, decoded by Stage A: images (N, 3, H, W) in [0, 1]."""
+    Stage C, decoded by Stage A: images (N, 3, H, W) in [0, 1]. Noise from ``generator`` (one, or one per prompt),
+    else from one generator seeded with ``seed``."""
     unet.eval()
     side = resolution // stage_a.config.downscale
     cond, uncond = text(prompts), text([""] * len(prompts))
     latents = sample(unet, (len(prompts), unet.config.c_in, side, side), steps, {"text_tokens": cond},
-                     {"text_tokens": uncond}, guidance, "ddpm", generator=torch.Generator().manual_seed(seed),
+                     {"text_tokens": uncond}, guidance, "ddpm",
+                     generator=torch.Generator().manual_seed(seed) if generator is None else generator,
                      progress=progress, schedule=schedule)
     return stage_a.decode(latents).clamp(0, 1)
+
+
+@dataclass
+class TrainedBaseline:
+    """A finished ``08_baseline`` run, ready to sample: one EMA U-Net per training seed, with the Stage A, text
+    encoder, schedule and sampling settings that 08 trained and sampled it with."""
+
+    run: Run
+    unets: dict[int, BaselineUNet]
+    stage_a: nn.Module
+    text: TextCache
+    schedule: Any
+    resolution: int
+    sample_steps: int
+    guidance: float
+
+    def sample(self, seed: int, prompts: list[str], generator: RNG) -> torch.Tensor:
+        """Images of the U-Net trained with ``seed`` for ``prompts``, as 08's sample grid draws them."""
+        return sample_grid(self.unets[seed], self.stage_a, self.text, prompts, self.resolution, self.sample_steps,
+                           self.guidance, self.schedule, seed, generator=generator)
+
+
+def load_trained_baseline(run: Run) -> TrainedBaseline:
+    """What a finished ``08_baseline`` run trained, rebuilt as :func:`train_baseline` built it: the U-Net of every
+    seed (``checkpoints/baseline_seed<s>``), Stage A as 08 loads it (the profile's latest ``03_stage_a``), the text
+    encoder at the recorded text layer, and the schedule of the ``05_stage_c`` run that set its budget."""
+    metrics, config = run.metrics(), json.loads((run.dir / "config.json").read_text())
+    seeds = [int(s) for s in metrics.get("seeds", [])]
+    folders = {s: run.dir / "checkpoints" / f"baseline_seed{s}" for s in seeds}
+    missing = [s for s, f in folders.items() if not (f / "model.json").is_file()]
+    if not seeds or missing:
+        raise FileNotFoundError(f"{run.dir} holds no trained baseline for seeds {missing or 'any'}: rerun "
+                                "notebooks/08_baseline.ipynb")
+    notebook, c_id = metrics["upstream"]["stage_c"].split("/")  # the Stage C run whose objective 08 trained with
+    sc = _recorded(StageCParams, Run(notebook, run.profile, c_id, paths.runs_dir() / notebook / run.profile / c_id))
+    return TrainedBaseline(run, {s: load_baseline(f) for s, f in folders.items()}, freeze(load_stage("a", run.profile)),
+                           TextCache(text_encoder(run.profile, metrics["text_layer"])), sc.diffusion().schedule,
+                           int(config["resolution"]), int(config["sample_steps"]), float(config.get("guidance") or 0.0))
 
 
 def seeds_loss_figure(histories: Mapping[int, pd.DataFrame]):

@@ -10,10 +10,17 @@ has a bootstrap CI; KID is the headline quality number (FID is only comparable b
 follow the paper's Table 1 (preference) and Table 2 (cost and quality). Our runs are CPU runs: their cost is CPU
 core-hours of every training phase (train seconds x worker processes), their energy and carbon come from an assumed
 power per core; the paper's GPU hours and carbon stay in the paper's rows.
+
+The baseline LDM: when the profile has a finished ``08_baseline`` run budgeted on the ``05_stage_c`` run evaluated
+here, each of its training seeds is one more generator on the same prompts, and every sampled system (Würstchen and
+each seed) draws prompt ``i`` with a generator seeded from ``(seed, i)``; Würstchen is then compared with each seed
+prompt by prompt (``studies.claims``), which measures the first row of the claims table. Without such a run the
+generators, their noise and every number are as before, and the claims table says why the row is not measured.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -31,20 +38,25 @@ from ..data.emoji import EmojiDataset, emoji_name
 from ..data.stream import load_images
 from ..evaluation import compute
 from ..evaluation import generators as gens
+from ..evaluation.claims import Claim, claims_table
 from ..evaluation.image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
 from ..evaluation.preference import ClipJudge, clip_score, load_pickscore, pick_scores
 from ..evaluation.probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
 from ..evaluation.stats import Estimate
 from ..evaluation.tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
+from ..models import count_parameters
 from ..params import param
 from ..runs import Run, latest_run
 from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
+from .baseline import TrainedBaseline, load_trained_baseline
+from .claims import BaselineComparison, claims_records, compare_with_baseline, measured_claims
 from .figures import image_grid
 from .sampling import SamplingParams, load_sampling_pipeline
 
 REAL = "real (ground truth)"
 SHUFFLED = "real, other prompt"
 NOISE = "noise"
+NO_BASELINE = "no 08_baseline run yet"
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,9 @@ class EvaluationResult:
     tables: dict[str, pd.DataFrame]
     info: dict[str, Any] = field(default_factory=dict)
     costs: dict[str, Any] = field(default_factory=dict)  # CPU core-hours per training phase, energy and carbon
+    claims: list[Claim] = field(default_factory=list)     # the paper's claims, 07's measurement filled in
+    baseline: dict[str, Any] | str = NO_BASELINE          # the 08 run compared with, or why none was
+    comparison: BaselineComparison | None = None          # Würstchen against each baseline seed, prompt by prompt
 
     def summary(self) -> pd.DataFrame:
         """One row per generator: the headline numbers (CIs in ``tables``). KID leads the quality numbers; FID
@@ -110,7 +125,8 @@ class EvaluationResult:
         """Numbers for ``metrics.json``: {generator: {metric: value, metric_ci: [low, high]}} plus info."""
         out: dict[str, Any] = {"info": self.info,
                                "probe_ceiling": {k: v.value for k, v in self.probe_ceiling.items()},
-                               "training_cost": self.costs}
+                               "training_cost": self.costs, "claims": claims_records(self.claims),
+                               "baseline": self.baseline}
         for name, est in self.estimates.items():
             out[name] = {k: v.value for k, v in est.items()}
             out[name].update({f"{k}_ci": [v.low, v.high] for k, v in est.items()})
@@ -214,6 +230,56 @@ def _cost_table(phases: dict[str, dict[str, Any] | None], p: EvaluationParams) -
     return pd.DataFrame.from_records(rows).set_index("phase"), numbers
 
 
+def baseline_run_for(p: EvaluationParams, trained: bool) -> tuple[Run | None, str]:
+    """The ``08_baseline`` run to evaluate beside Würstchen and its name, or None and why not: the profile has no
+    finished 08 run; Würstchen was not trained here (``weights_dir`` or random weights: 08 matched the compute of
+    this workbench's Stage C); or 08 was budgeted on another ``05_stage_c`` run than the one evaluated."""
+    run = latest_run("08_baseline", p.profile)
+    if run is None:
+        return None, NO_BASELINE
+    if p.weights_dir or not trained:
+        what = f"weights_dir {p.weights_dir}" if p.weights_dir else "random weights"
+        return None, (f"Würstchen is not this workbench's trained Stage C ({what}): 08_baseline/{run.run_id} was "
+                      "trained at that Stage C's compute")
+    budgeted = run.metrics().get("upstream", {}).get("stage_c")
+    stage_c = latest_run("05_stage_c", p.profile)
+    evaluated = f"05_stage_c/{stage_c.run_id}" if stage_c is not None else None
+    if budgeted != evaluated:
+        return None, f"08_baseline/{run.run_id} was budgeted on {budgeted}, this evaluation samples {evaluated}"
+    return run, f"08_baseline/{run.run_id}"
+
+
+def baseline_name(seed: int) -> str:
+    return f"baseline LDM (seed {seed})"
+
+
+def _baseline_generators(baseline: TrainedBaseline | None, seed: int) -> dict[str, gens.Generator]:
+    # one generator per training seed, each drawing prompt i from the seed that Würstchen's prompt i gets
+    if baseline is None:
+        return {}
+    return {baseline_name(s): gens.per_prompt_generator(functools.partial(baseline.sample, s), seed)
+            for s in baseline.unets}
+
+
+def _baseline_rows(baseline: TrainedBaseline | None) -> dict[str, dict[str, Any]]:
+    """Table 2 cells of each baseline seed: parameters, sampling steps, CPU core-hours and training samples."""
+    if baseline is None:
+        return {}
+    m, cfg = baseline.run.metrics(), json.loads((baseline.run.dir / "config.json").read_text())
+    workers = int(cfg.get("workers") or 1)
+    return {baseline_name(s): dict(params=float(count_parameters(unet)), sampling_steps=baseline.sample_steps,
+                                   cpu_core_hours=compute.core_hours(m["train_seconds"][f"seed{s}"], workers),
+                                   train_samples=int(m["steps"]) * int(cfg["batch_size"]))
+            for s, unet in baseline.unets.items()}
+
+
+def _baseline_detail(baseline: TrainedBaseline, n_prompts: int) -> dict[str, Any]:
+    m = baseline.run.metrics()
+    return {"run": f"08_baseline/{baseline.run.run_id}", "budget": m.get("budget"),
+            "budget_ratio": m.get("budget_ratio"), "steps": m.get("steps"), "seeds": list(baseline.unets),
+            "sample_steps": baseline.sample_steps, "guidance": baseline.guidance, "n_prompts": n_prompts}
+
+
 def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
     """The whole study (see the module docstring); ``run``: where the log goes (tables: :func:`save_outputs`)."""
     log = _log(progress, run)
@@ -223,6 +289,9 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     res = p.resolution or (int(pipe_info["size"]) if trained else 64)
     model_name = "Würstchen (trained)" if trained else "Würstchen (random weights)"
     log(f"pipeline: {pipe_info['weights']}; evaluation at {res} px")
+    baseline_run, baseline_note = baseline_run_for(p, trained)
+    baseline = load_trained_baseline(baseline_run) if baseline_run is not None else None
+    log(f"baseline: {baseline_note}")
 
     # held-out prompts with their ground truth, an independent real sample for FID, the probe's training images
     test = load_images(p.dataset, p.n_prompts, res, p.seed, "test", progress=False)
@@ -235,10 +304,12 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     ceiling = compositional_accuracy(probe, test["image"], truths, p.n_boot, p.seed).accuracy
     log(f"probe ceiling on held-out real images: all-correct {ceiling['all_correct']}")
 
+    paired = baseline is not None  # with a baseline, Würstchen too draws prompt i from the seed (seed, i)
     generators: dict[str, gens.Generator] = {
         REAL: gens.lookup_generator(prompts, test["image"]),
         model_name: gens.pipeline_generator(pipe, int(pipe_info["size"]), p.prior_steps, p.decoder_steps,
-                                            p.prior_guidance, seed=p.seed),
+                                            p.prior_guidance, seed=p.seed, per_prompt=paired),
+        **_baseline_generators(baseline, p.seed),
         SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
         NOISE: gens.noise_generator(res, p.seed),
     }
@@ -253,8 +324,10 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     extractors = [ProbeExtractor(probe)] + ([inception] if inception is not None else [])
     real_sets = [extract(x, reference) for x in extractors]
     estimates: dict[str, dict[str, Estimate]] = {}
+    checks: dict[str, dict[str, Tensor]] = {}  # per-prompt checks, for the paired comparison with the baseline
     for name, imgs in images.items():
-        est = dict(compositional_accuracy(probe, imgs, truths, p.n_boot, p.seed).accuracy)
+        composition = compositional_accuracy(probe, imgs, truths, p.n_boot, p.seed)
+        est, checks[name] = dict(composition.accuracy), composition.checks
         for x, real in zip(extractors, real_sets):
             est.update(image_quality(real, extract(x, imgs), splits=p.is_splits, n_boot=p.n_boot, seed=p.seed))
         est["CLIP_score"] = clip_score(judge, prompts, imgs, p.n_boot, p.seed)
@@ -268,13 +341,14 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     samples = c["steps"] * c["batch"] * c["grad_accum"] if c.get("steps") and c.get("batch") else None
     # random weights trained nothing; a trained pipeline counts its 05 run (unknown for weights_dir)
     stage_c_hours, stage_c_samples = (c.get("core_hours"), samples) if trained else (0.0, 0)
-    rows = []
+    rows, baseline_rows = [], _baseline_rows(baseline)
     for name, est in estimates.items():
         row = Table2Row(name, fid=est["FID_tiny"], inception_score=est["IS_tiny"])
         if name == model_name:  # Table 2 counts Stage C: its parameters, steps, CPU core-hours and samples
             row = dataclasses.replace(row, params=float(sum(q.numel() for q in pipe.stage_c.parameters())),
                                       sampling_steps=p.prior_steps, cpu_core_hours=stage_c_hours,
                                       train_samples=stage_c_samples)
+        row = dataclasses.replace(row, **baseline_rows.get(name, {}))
         rows.append(row)
     tables = {
         "table1_preference": table1(scores, reference=model_name if trained else None, n_boot=p.n_boot, seed=p.seed),
@@ -287,12 +361,31 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
                                           [k for k in ceiling]),
         "quality": _estimates_table(estimates, _quality_keys(estimates, ceiling)),
     }
+    claims, baseline_info, comparison = measured_claims(None, baseline_note), baseline_note, None
+    if baseline is not None:
+        comparison = compare_with_baseline(checks, scores, model_name, list(baseline_rows), p.n_boot, p.seed)
+        tables["baseline_comparison"] = comparison.table()
+        detail = _baseline_detail(baseline, len(prompts))
+        claims = measured_claims(comparison, _claim_detail(detail, p.seed))
+        baseline_info = {**detail, "paired": comparison.numbers()}
+        log(f"Würstchen - baseline, all_correct (points): {comparison.headline}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
             "judge": judge_name, "probe": dataclasses.asdict(cfg), "inception": bool(inception),
             "headline_quality": "KID_tiny (FID_tiny is only comparable between sets of equal size)",
             # the paper's own figure recomputed: 24,602 A100 hours at `watts` and its 0.37 kg/kWh (250 W: 2,276 kg)
             "carbon_check_kg": carbon_kg(24_602, p.watts, 0.37), "seconds": time.time() - t0}
-    return EvaluationResult(prompts, images, estimates, ceiling, tables, info, costs)
+    if paired:  # only then does the noise differ from the one stream per generator of a run without a baseline
+        info["sampling_noise"] = "per prompt: prompt i of every sampled system drawn from the seed (seed, i)"
+    return EvaluationResult(prompts, images, estimates, ceiling, tables, info, costs, claims, baseline_info,
+                            comparison)
+
+
+def _claim_detail(detail: dict[str, Any], seed: int) -> str:
+    """The 08 run behind the first claim's measurement, in words."""
+    ratio = detail["budget_ratio"]
+    spent = f" (baseline FLOPs {ratio:.3g} x the budget)" if isinstance(ratio, (int, float)) else ""
+    return (f"{detail['run']}, budget {detail['budget']}{spent}, seeds {detail['seeds']}, {detail['n_prompts']} "
+            f"prompts, sampling seed {seed}")
 
 
 def _quality_keys(estimates: dict[str, dict[str, Estimate]], ceiling: dict[str, Estimate]) -> list[str]:
@@ -339,5 +432,7 @@ def compositional_figure(result: EvaluationResult):
 def save_outputs(result: EvaluationResult, run: Run) -> dict[str, Path]:
     """Tables (markdown + CSV, copied into ``reports/`` by ``wurst_core.workbench.report``) and metrics into the run folder."""
     written = {name: run.save_table(name, df, index=True) for name, df in result.tables.items()}
+    if result.claims:  # the claims table: the report puts it at the top of reports/index.md
+        written["claims"] = run.save_table("claims", claims_table(result.claims))
     run.save_metrics(result.metrics())
     return written

@@ -1,6 +1,8 @@
 """The workbench's notebooks in run order: each one's title and the parameter schema its resolving cell builds.
 
-Training runs in reverse order of sampling (paper Fig. 3): Stage A, then B with the compressor, then C.
+Training runs in reverse order of sampling (paper Fig. 3): Stage A, then B with the compressor, then C. The run order
+is this registry's order, not the files' numbers: ``08_baseline`` runs before ``07_evaluation`` (00-06, 08, 07),
+because 07 evaluates the baseline that 08 trains (the claims table's first row).
 """
 from __future__ import annotations
 
@@ -33,9 +35,9 @@ NOTEBOOKS: dict[str, Entry] = {
     "04_stage_b": Entry("Stage B: latent decoder with the Semantic Compressor", StageBParams),
     "05_stage_c": Entry("Stage C: text-conditional prior (42:1 released; 16:1 on tiny)", StageCParams),
     "06_sampling": Entry("Sampling: the three-stage pipeline", SamplingParams),
+    "08_baseline": Entry("Baseline: a U-Net LDM at Stage C's training FLOPs", BaselineParams),  # before 07: 07 reads it
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
-    "08_baseline": Entry("Baseline: a U-Net LDM at Stage C's training FLOPs", BaselineParams),
 }
 
 

@@ -3,6 +3,7 @@
 Each run folder may hold ``metrics.json`` (scalars, nested dicts), ``figures/*.png`` and ``tables/*.md``
 (written with :func:`save_table`). Figures and tables are copied next to the index so that the committed
 ``reports/`` is readable on its own (executed notebooks and checkpoints stay in the ignored ``reports/runs/``).
+The claims table of the latest ``07_evaluation`` run (``tables/claims.md``) opens the index, as that run wrote it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+CLAIMS_NOTEBOOK = "07_evaluation"  # the notebook that writes tables/claims.md
+
+
+def claims_section(profile: str) -> list[str]:
+    """The "Claims of the paper" section: the latest ``07_evaluation`` run's ``tables/claims.md``, verbatim."""
+    lines = ["## Claims of the paper", ""]
+    run = latest_run(CLAIMS_NOTEBOOK, profile)
+    table = run.dir / "tables" / "claims.md" if run is not None else None
+    if table is None or not table.is_file():
+        return lines + [f"_No claims table yet: run `notebooks/{CLAIMS_NOTEBOOK}.ipynb` on `{profile}`._", ""]
+    return lines + [
+        f"From run `{run.run_id}` of `notebooks/{CLAIMS_NOTEBOOK}.ipynb` (its `tables/claims.md`). Each verdict is "
+        "computed by `wurst_core.evaluation.claims.verdict` from the rule that the notebook prints before any result; "
+        "a claim not measured yet says what will measure it.",
+        "",
+        table.read_text().rstrip(),
+        "",
+    ]
+
+
 def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> Path:
 
     out = paths.reports_dir()
@@ -45,6 +66,7 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
         "notebook; numbers come from each run's `metrics.json`. The `tiny` profile trains CPU-sized models on the "
         "procedural dataset: its numbers are not comparable with the paper's.",
         "",
+        *claims_section(profile),
     ]
     for name in notebooks or all_notebooks():
         run = latest_run(name, profile)

@@ -1,0 +1,158 @@
+"""The paper's claims as notebook 07 states and measures them (issue 20): one :class:`Claim` each, its decision rule
+fixed here, before any result is read, and printed by the notebook before its results.
+
+Measured by 07: "at equal training compute, Würstchen beats the baseline LDM" (Tables 1 and 2), when a finished
+``08_baseline`` run exists. Its measurement is the paired difference in all-correct compositional accuracy
+(percentage points: the attribute probe against each prompt's ground truth), Würstchen minus the baseline, on the same
+held-out prompts with the same per-prompt seeds, pooled over the baseline's training seeds
+(:func:`~wurst_core.evaluation.stats.pooled_paired_difference`, whose interval carries the seed-to-seed spread; the one
+Würstchen model is paired with each seed); with a single baseline seed, that seed's paired difference. Beside it, per
+seed and pooled: the paired difference in cell IoU, the oracle judge's and the judge CLIP's win rates of Würstchen
+(ties half), and how often the two judges agree. The other claims are listed as "not measured yet", each saying what
+will measure it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..evaluation.claims import Claim, verdict
+from ..evaluation.oracle import oracle_outcomes, pairwise_agreement
+from ..evaluation.preference import pairwise_outcomes
+from ..evaluation.stats import Estimate, mean_ci, paired_difference, pooled_over_seeds, pooled_paired_difference
+
+MIN_BOOT = 1000  # paired intervals take at least this many resamples (issue 20), whatever the profile's n_boot
+
+EQUAL_COMPUTE = Claim(
+    "At equal training compute, Würstchen beats the baseline LDM",
+    paper="Table 1: PickScore prefers Würstchen over the Baseline LDM on 96.5 % (COCO-30K), 96.6 % (Localized "
+          "Narratives-COCO-5K) and 98.6 % (Parti-prompts) of prompts; Table 2: FID 23.6 against 43.5, IS 40.9 "
+          "against 20.1; Baseline LDM ≈25,000 A100 hours, Stage C 24,602",
+    direction="higher", reference=0.0, margin=0.0,
+    measure="all-correct compositional accuracy (probe), Würstchen minus the baseline LDM in percentage points, "
+            "paired on the held-out prompts, pooled over the baseline's training seeds (notebook 08, trained at "
+            "Stage C's training FLOPs)")
+
+LATER: tuple[Claim, ...] = (
+    Claim("The strongly compressed latent keeps the image's semantics",
+          paper="Abstract, §3.1: Stage B rebuilds the image from the Semantic Compressor's 42:1 map (16 x 24 x 24 "
+                "at 1024 px); §3.4: further compression harmed quality (no figure)",
+          direction=None,
+          measure="compression-ratio ablation: Stage B reconstruction from the compressed map with an empty caption "
+                  "against the caption, at three Stage C latent sizes (e.g. 8x8, 4x4, 2x2 at 64 px)"),
+    Claim("The A/B objective stabilises training",
+          paper="§3.2: the A/B formulation 'made the training more stable' (no figure)",
+          direction=None,
+          measure="objective ablation: Stage C with the A/B, eps and v heads (p2 weighting) at equal steps: loss by "
+                  "noise level, gradient-norm spikes, a stress run without clipping at a higher learning rate"),
+    Claim("p2 loss weighting helps",
+          paper="§3.2: p2 weighting (Choi et al. 2022) makes higher noise levels contribute more (no figure)",
+          direction=None,
+          measure="objective ablation: A/B with p2 against constant weighting at equal steps: compositional accuracy "
+                  "and KID_tiny"),
+    Claim("Training is several times cheaper",
+          paper="Table 2, §4.3: Stage C 24,602 A100 hours against SD 2.1's 200,000 (8x); 1.42B against 3.9B "
+                "training samples",
+          direction=None,
+          measure="training FLOPs the baseline needs to reach Würstchen's compositional accuracy (baselines at "
+                  "several budgets), over Stage C's and over Stage B + C's"),
+    Claim("Inference is faster than the baseline",
+          paper="Abstract, Figure 4: inference over twice as fast (A100, 1024 x 1024, against SD 2.1 and SD XL)",
+          direction=None,
+          measure="seconds per image against batch size, Würstchen and the baseline at the same output size in the "
+                  "same run (benchmarks/bench_inference.py, Figure 4)"),
+)
+
+
+def stated_claims() -> list[Claim]:
+    """Every claim with its rule as stated before any measurement (what the notebook prints first)."""
+    return [EQUAL_COMPUTE, *LATER]
+
+
+PAIRED = ("all_correct", "cell_iou")               # per-prompt checks compared as paired differences
+RATES = ("oracle_win", "judge_win", "judges_agree")  # per-prompt outcomes averaged as rates
+# estimate -> column of the comparison table
+COLUMNS = {"all_correct_diff": "Δ all_correct (points)", "cell_iou_diff": "Δ cell_iou (points)",
+           "oracle_win": "oracle: Würstchen preferred (%)", "judge_win": "judge CLIP: Würstchen preferred (%)",
+           "judges_agree": "judges agree (%)"}
+
+
+@dataclass
+class BaselineComparison:
+    """Würstchen against each baseline seed on the same prompts: paired estimates per seed and pooled over seeds."""
+
+    per_seed: dict[str, dict[str, Estimate]]   # baseline generator name -> quantity -> estimate
+    pooled: dict[str, Estimate] | None         # None with a single seed (no seed spread to pool)
+
+    @property
+    def headline(self) -> Estimate:
+        """The first claim's measurement: the pooled paired difference in all_correct (one seed: its own)."""
+        return (self.pooled if self.pooled is not None else next(iter(self.per_seed.values())))["all_correct_diff"]
+
+    def table(self) -> pd.DataFrame:
+        rows = dict(self.per_seed)
+        if self.pooled is not None:
+            rows[f"pooled over {len(self.per_seed)} seeds"] = self.pooled
+        df = pd.DataFrame({name: {COLUMNS[k]: str(v) for k, v in est.items()} for name, est in rows.items()}).T
+        df.index.name = "Würstchen against"
+        return df
+
+    def numbers(self) -> dict[str, Any]:
+        rows = {**self.per_seed, **({"pooled": self.pooled} if self.pooled is not None else {})}
+        return {name: {**{k: v.value for k, v in est.items()}, **{f"{k}_ci": [v.low, v.high] for k, v in est.items()}}
+                for name, est in rows.items()}
+
+
+def _per_prompt(model_checks: Mapping[str, Tensor], checks: Mapping[str, Tensor], model_scores: Tensor,
+                scores: Tensor) -> dict[str, Any]:
+    """Per prompt, Würstchen against one baseline seed: both arms of each paired check (points), and the two judges'
+    outcomes for Würstchen and their agreement (%, ties half)."""
+    oracle = oracle_outcomes(model_checks, checks)
+    judge = pairwise_outcomes(model_scores, scores)
+    return {**{k: (100 * model_checks[k], 100 * checks[k]) for k in PAIRED}, "oracle_win": 100 * oracle,
+            "judge_win": 100 * judge, "judges_agree": 100 * pairwise_agreement(oracle, judge)}
+
+
+def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Mapping[str, Tensor], model: str,
+                          baselines: Sequence[str], n_boot: int = MIN_BOOT, seed: int = 0) -> BaselineComparison:
+    """``checks``: generator -> per-prompt probe checks (``CompositionalResult.checks``); ``scores``: generator ->
+    per-prompt judge score (``pick_scores``); ``model`` against each of ``baselines`` (one per training seed)."""
+    if not baselines:
+        raise ValueError("need at least one baseline seed to compare with")
+    n_boot = max(n_boot, MIN_BOOT)
+    arms = {b: _per_prompt(checks[model], checks[b], scores[model], scores[b]) for b in baselines}
+    per_seed = {b: {**{f"{k}_diff": paired_difference(*q[k], n_boot=n_boot, seed=seed) for k in PAIRED},
+                    **{k: mean_ci(q[k], n_boot=n_boot, seed=seed) for k in RATES}} for b, q in arms.items()}
+    if len(baselines) == 1:
+        return BaselineComparison(per_seed, None)
+    stacked = {k: [torch.stack(arm) for arm in zip(*(arms[b][k] for b in baselines))] for k in PAIRED}  # (S, P) each
+    pooled = {**{f"{k}_diff": pooled_paired_difference(*stacked[k], n_boot=n_boot, seed=seed) for k in PAIRED},
+              **{k: pooled_over_seeds(torch.stack([arms[b][k] for b in baselines]), n_boot=n_boot, seed=seed)
+                 for k in RATES}}
+    return BaselineComparison(per_seed, pooled)
+
+
+def measured_claims(comparison: BaselineComparison | None, detail: str) -> list[Claim]:
+    """The claims with 07's measurement filled in: the first from ``comparison`` (``detail``: the 08 run, its budget
+    and seeds), or "not measured yet" with ``detail`` saying why; the others as stated."""
+    if comparison is None:
+        first = dataclasses.replace(EQUAL_COMPUTE, measure=f"{EQUAL_COMPUTE.measure}; not measured: {detail}")
+    else:
+        single = "" if comparison.pooled is not None else " (one seed: no seed spread in the interval)"
+        first = dataclasses.replace(EQUAL_COMPUTE, measured=comparison.headline,
+                                    measure=f"{EQUAL_COMPUTE.measure}; {detail}{single}")
+    return [first, *LATER]
+
+
+def claims_records(claims: Sequence[Claim]) -> list[dict[str, Any]]:
+    """The claims for ``metrics.json``: claim, verdict, measured (value and interval, or None), rule, measurement
+    and the paper's figure."""
+    return [{"claim": c.name, "verdict": verdict(c),
+             "measured": None if c.measured is None else {"value": c.measured.value, "ci": [c.measured.low,
+                                                                                            c.measured.high]},
+             "rule": c.rule, "measurement": c.measure, "paper": c.paper} for c in claims]
