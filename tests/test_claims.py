@@ -16,7 +16,8 @@ from wurst_core import evaluation as E
 from wurst_core import paths
 from wurst_core.evaluation import compute as C
 from wurst_core.evaluation.probe import ProbeSpec
-from wurst_core.studies.claims import EQUAL_COMPUTE, LATER, compare_with_baseline, measured_claims, stated_claims
+from wurst_core.studies.claims import (EQUAL_COMPUTE, LATER, MEASURED, compare_with_baseline, measured_claims,
+                                      stated_claims)
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -281,16 +282,18 @@ def test_comparison_with_the_baseline_pairs_each_seed_and_pools():
     assert b0["all_correct_diff"].n == p and inspect.signature(compare_with_baseline).parameters["n_boot"].default >= 1000
     pooled = cmp.pooled
     assert pooled["all_correct_diff"].value == pytest.approx(37.5) and pooled["all_correct_diff"].n == 2 * p
-    assert cmp.headline is pooled["all_correct_diff"]
+    assert cmp.headline() is pooled["all_correct_diff"]
     assert list(cmp.table().index) == ["b0", "b1", "pooled over 2 seeds"]
     assert cmp.numbers()["pooled"]["all_correct_diff"] == pytest.approx(37.5)
     claims = measured_claims(cmp, "08_baseline/x")
-    assert claims[0].measured is cmp.headline and E.verdict(claims[0]) == E.SUPPORTED
+    assert claims[0].measured is cmp.headline() and E.verdict(claims[0]) == E.SUPPORTED
     assert claims[0].rule == EQUAL_COMPUTE.rule and "08_baseline/x" in claims[0].measure
-    assert claims[1:] == list(LATER)
+    assert claims[1].measured is cmp.headline("judge_win") and E.verdict(claims[1]) == E.SUPPORTED  # judge: 100 %
+    assert E.verdict(claims[2]) == E.NOT_MEASURED and "not measured" in claims[2].measure  # no KID passed
+    assert claims[3:] == list(LATER)
 
     single = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b1"])
-    assert single.pooled is None and single.headline is single.per_seed["b1"]["all_correct_diff"]
+    assert single.pooled is None and single.headline() is single.per_seed["b1"]["all_correct_diff"]
     assert "one seed" in measured_claims(single, "x")[0].measure
     with pytest.raises(ValueError, match="at least one baseline"):
         compare_with_baseline({"W": model}, scores, "W", [])
@@ -300,3 +303,24 @@ def test_claims_without_a_baseline_run_are_not_measured():
     claims = measured_claims(None, "no 08_baseline run yet")
     assert [E.verdict(c) for c in claims] == [E.NOT_MEASURED] * len(stated_claims())
     assert "no 08_baseline run yet" in claims[0].measure and claims[0].rule == EQUAL_COMPUTE.rule
+
+
+def test_paired_kid_difference_is_zero_for_the_same_images_and_positive_for_worse_ones():
+    from wurst_core.evaluation.image_metrics import FeatureSet, paired_kid_difference
+
+    g = torch.Generator().manual_seed(0)
+    real = FeatureSet(torch.randn(64, 8, generator=g), torch.zeros(64, 2), "_tiny")
+    close = FeatureSet(torch.randn(64, 8, generator=g), torch.zeros(64, 2), "_tiny")
+    far = FeatureSet(torch.randn(64, 8, generator=g) * 3 + 2, torch.zeros(64, 2), "_tiny")
+    same, pooled = paired_kid_difference(real, close, [close], n_boot=200)
+    assert pooled is None and same[0].value == pytest.approx(0.0) and same[0].low <= 0 <= same[0].high
+    per_seed, pooled = paired_kid_difference(real, close, [far, far], n_boot=200)
+    assert all(e.low > 0 for e in per_seed) and pooled.low > 0  # the baseline is farther from the real images
+    cmp = compare_with_baseline({"W": _checks([1.0] * 4, [1.0] * 4), "b": _checks([0.0] * 4, [0.0] * 4)},
+                                {"W": torch.ones(4), "b": torch.zeros(4)}, "W", ["b"], n_boot=50,
+                                kid=(per_seed[:1], None))
+    claims = measured_claims(cmp, "x")
+    assert [c.name for c in claims[:3]] == [c.name for c in MEASURED]
+    assert claims[2].measured is per_seed[0] and E.verdict(claims[2]) == E.SUPPORTED
+    with pytest.raises(ValueError, match="one image per prompt"):
+        paired_kid_difference(real, close, [FeatureSet(torch.randn(10, 8), torch.zeros(10, 2), "_tiny")])

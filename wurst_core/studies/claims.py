@@ -29,7 +29,7 @@ from ..evaluation.stats import Estimate, mean_ci, paired_difference, pooled_over
 MIN_BOOT = 1000  # paired intervals take at least this many resamples (issue 20), whatever the profile's n_boot
 
 EQUAL_COMPUTE = Claim(
-    "At equal training compute, Würstchen beats the baseline LDM",
+    "At equal training compute, Würstchen beats the baseline LDM: prompt adherence",
     paper="Table 1: PickScore prefers Würstchen over the Baseline LDM on 96.5 % (COCO-30K), 96.6 % (Localized "
           "Narratives-COCO-5K) and 98.6 % (Parti-prompts) of prompts; Table 2: FID 23.6 against 43.5, IS 40.9 "
           "against 20.1; Baseline LDM ≈25,000 A100 hours, Stage C 24,602",
@@ -37,6 +37,22 @@ EQUAL_COMPUTE = Claim(
     measure="all-correct compositional accuracy (probe), Würstchen minus the baseline LDM in percentage points, "
             "paired on the held-out prompts, pooled over the baseline's training seeds (notebook 08, trained at "
             "Stage C's training FLOPs)")
+
+PREFERENCE = Claim(
+    "At equal training compute, Würstchen beats the baseline LDM: preference (Table 1)",
+    paper="Table 1: PickScore prefers Würstchen over the Baseline LDM on 96.5 % (COCO-30K), 96.6 % (Localized "
+          "Narratives-COCO-5K) and 98.6 % (Parti-prompts) of prompts",
+    direction="higher", reference=50.0, margin=0.0,
+    measure="the PickScore procedure with the tiny judge CLIP: % of held-out prompts on which Würstchen's image is "
+            "preferred over the baseline's (ties half), pooled over the baseline's training seeds")
+QUALITY = Claim(
+    "At equal training compute, Würstchen beats the baseline LDM: image quality (Table 2)",
+    paper="Table 2: FID 23.6 (Würstchen) against 43.5 (Baseline LDM); IS 40.9 against 20.1",
+    direction="higher", reference=0.0, margin=0.0,
+    measure="KID_tiny of the baseline minus KID_tiny of Würstchen (probe features, full-set unbiased MMD²; "
+            "positive: Würstchen closer to the real images), paired by prompt, pooled over the baseline's seeds")
+MEASURED = (EQUAL_COMPUTE, PREFERENCE, QUALITY)  # what 07 measures against the baseline, by headline key
+HEADLINES = {EQUAL_COMPUTE.name: "all_correct_diff", PREFERENCE.name: "judge_win", QUALITY.name: "kid_diff"}
 
 LATER: tuple[Claim, ...] = (
     Claim("The strongly compressed latent keeps the image's semantics",
@@ -71,7 +87,7 @@ LATER: tuple[Claim, ...] = (
 
 def stated_claims() -> list[Claim]:
     """Every claim with its rule as stated before any measurement (what the notebook prints first)."""
-    return [EQUAL_COMPUTE, *LATER]
+    return [*MEASURED, *LATER]
 
 
 PAIRED = ("all_correct", "cell_iou")               # per-prompt checks compared as paired differences
@@ -79,7 +95,7 @@ RATES = ("oracle_win", "judge_win", "judges_agree")  # per-prompt outcomes avera
 # estimate -> column of the comparison table
 COLUMNS = {"all_correct_diff": "Δ all_correct (points)", "cell_iou_diff": "Δ cell_iou (points)",
            "oracle_win": "oracle: Würstchen preferred (%)", "judge_win": "judge CLIP: Würstchen preferred (%)",
-           "judges_agree": "judges agree (%)"}
+           "judges_agree": "judges agree (%)", "kid_diff": "KID_tiny: baseline minus Würstchen"}
 
 
 @dataclass
@@ -89,10 +105,9 @@ class BaselineComparison:
     per_seed: dict[str, dict[str, Estimate]]   # baseline generator name -> quantity -> estimate
     pooled: dict[str, Estimate] | None         # None with a single seed (no seed spread to pool)
 
-    @property
-    def headline(self) -> Estimate:
-        """The first claim's measurement: the pooled paired difference in all_correct (one seed: its own)."""
-        return (self.pooled if self.pooled is not None else next(iter(self.per_seed.values())))["all_correct_diff"]
+    def headline(self, key: str = "all_correct_diff") -> Estimate:
+        """A claim's measurement: the pooled estimate of ``key`` (one seed: its own)."""
+        return (self.pooled if self.pooled is not None else next(iter(self.per_seed.values())))[key]
 
     def table(self) -> pd.DataFrame:
         rows = dict(self.per_seed)
@@ -119,34 +134,44 @@ def _per_prompt(model_checks: Mapping[str, Tensor], checks: Mapping[str, Tensor]
 
 
 def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Mapping[str, Tensor], model: str,
-                          baselines: Sequence[str], n_boot: int = MIN_BOOT, seed: int = 0) -> BaselineComparison:
+                          baselines: Sequence[str], n_boot: int = MIN_BOOT, seed: int = 0,
+                          kid: tuple[list[Estimate], Estimate | None] | None = None) -> BaselineComparison:
     """``checks``: generator -> per-prompt probe checks (``CompositionalResult.checks``); ``scores``: generator ->
-    per-prompt judge score (``pick_scores``); ``model`` against each of ``baselines`` (one per training seed)."""
+    per-prompt judge score (``pick_scores``); ``model`` against each of ``baselines`` (one per training seed);
+    ``kid``: the paired KID differences per seed and pooled (``image_metrics.paired_kid_difference``)."""
     if not baselines:
         raise ValueError("need at least one baseline seed to compare with")
     n_boot = max(n_boot, MIN_BOOT)
     arms = {b: _per_prompt(checks[model], checks[b], scores[model], scores[b]) for b in baselines}
     per_seed = {b: {**{f"{k}_diff": paired_difference(*q[k], n_boot=n_boot, seed=seed) for k in PAIRED},
                     **{k: mean_ci(q[k], n_boot=n_boot, seed=seed) for k in RATES}} for b, q in arms.items()}
+    if kid is not None:
+        for b, est in zip(baselines, kid[0]):
+            per_seed[b]["kid_diff"] = est
     if len(baselines) == 1:
         return BaselineComparison(per_seed, None)
     stacked = {k: [torch.stack(arm) for arm in zip(*(arms[b][k] for b in baselines))] for k in PAIRED}  # (S, P) each
     pooled = {**{f"{k}_diff": pooled_paired_difference(*stacked[k], n_boot=n_boot, seed=seed) for k in PAIRED},
               **{k: pooled_over_seeds(torch.stack([arms[b][k] for b in baselines]), n_boot=n_boot, seed=seed)
                  for k in RATES}}
+    if kid is not None and kid[1] is not None:
+        pooled["kid_diff"] = kid[1]
     return BaselineComparison(per_seed, pooled)
 
 
 def measured_claims(comparison: BaselineComparison | None, detail: str) -> list[Claim]:
-    """The claims with 07's measurement filled in: the first from ``comparison`` (``detail``: the 08 run, its budget
-    and seeds), or "not measured yet" with ``detail`` saying why; the others as stated."""
-    if comparison is None:
-        first = dataclasses.replace(EQUAL_COMPUTE, measure=f"{EQUAL_COMPUTE.measure}; not measured: {detail}")
-    else:
+    """The claims with 07's measurements filled in from ``comparison`` (``detail``: the 08 run, its budget and
+    seeds), or "not measured yet" with ``detail`` saying why; the later claims as stated."""
+    out = []
+    for claim in MEASURED:
+        key = HEADLINES[claim.name]
+        if comparison is None or key not in (comparison.pooled or next(iter(comparison.per_seed.values()))):
+            out.append(dataclasses.replace(claim, measure=f"{claim.measure}; not measured: {detail}"))
+            continue
         single = "" if comparison.pooled is not None else " (one seed: no seed spread in the interval)"
-        first = dataclasses.replace(EQUAL_COMPUTE, measured=comparison.headline,
-                                    measure=f"{EQUAL_COMPUTE.measure}; {detail}{single}")
-    return [first, *LATER]
+        out.append(dataclasses.replace(claim, measured=comparison.headline(key),
+                                       measure=f"{claim.measure}; {detail}{single}"))
+    return [*out, *LATER]
 
 
 def claims_records(claims: Sequence[Claim]) -> list[dict[str, Any]]:

@@ -39,7 +39,8 @@ from ..data.stream import load_images
 from ..evaluation import compute
 from ..evaluation import generators as gens
 from ..evaluation.claims import Claim, claims_table
-from ..evaluation.image_metrics import InceptionExtractor, ProbeExtractor, extract, image_quality
+from ..evaluation.image_metrics import (InceptionExtractor, ProbeExtractor, extract, image_quality,
+                                        paired_kid_difference)
 from ..evaluation.preference import ClipJudge, clip_score, load_pickscore, pick_scores
 from ..evaluation.probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
 from ..evaluation.stats import Estimate
@@ -325,11 +326,14 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     real_sets = [extract(x, reference) for x in extractors]
     estimates: dict[str, dict[str, Estimate]] = {}
     checks: dict[str, dict[str, Tensor]] = {}  # per-prompt checks, for the paired comparison with the baseline
+    probe_features = {}  # probe features per generator, for the paired KID difference with the baseline
     for name, imgs in images.items():
         composition = compositional_accuracy(probe, imgs, truths, p.n_boot, p.seed)
         est, checks[name] = dict(composition.accuracy), composition.checks
         for x, real in zip(extractors, real_sets):
-            est.update(image_quality(real, extract(x, imgs), splits=p.is_splits, n_boot=p.n_boot, seed=p.seed))
+            fake = extract(x, imgs)
+            probe_features.setdefault(name, fake)
+            est.update(image_quality(real, fake, splits=p.is_splits, n_boot=p.n_boot, seed=p.seed))
         est["CLIP_score"] = clip_score(judge, prompts, imgs, p.n_boot, p.seed)
         estimates[name] = est
         log(f"{name}: all-correct {est['all_correct']}, KID_tiny {est['KID_tiny']}, FID_tiny {est['FID_tiny']}")
@@ -363,12 +367,15 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     }
     claims, baseline_info, comparison = measured_claims(None, baseline_note), baseline_note, None
     if baseline is not None:
-        comparison = compare_with_baseline(checks, scores, model_name, list(baseline_rows), p.n_boot, p.seed)
+        seeds = list(baseline_rows)
+        kid = paired_kid_difference(real_sets[0], probe_features[model_name], [probe_features[b] for b in seeds],
+                                    n_boot=max(p.n_boot, 1000), seed=p.seed)
+        comparison = compare_with_baseline(checks, scores, model_name, seeds, p.n_boot, p.seed, kid=kid)
         tables["baseline_comparison"] = comparison.table()
         detail = _baseline_detail(baseline, len(prompts))
         claims = measured_claims(comparison, _claim_detail(detail, p.seed))
         baseline_info = {**detail, "paired": comparison.numbers()}
-        log(f"Würstchen - baseline, all_correct (points): {comparison.headline}")
+        log(f"Würstchen - baseline, all_correct (points): {comparison.headline()}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
             "judge": judge_name, "probe": dataclasses.asdict(cfg), "inception": bool(inception),
             "headline_quality": "KID_tiny (FID_tiny is only comparable between sets of equal size)",
