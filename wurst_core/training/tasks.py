@@ -65,6 +65,18 @@ def random_crops(x: torch.Tensor, size: int, gens: Sequence[torch.Generator], mu
                         for img, (oy, ox) in zip(x, offsets.tolist())])
 
 
+def _text_diffusion_loss(diffusion: Diffusion, net: nn.Module, text: nn.Module, x0: torch.Tensor,
+                         captions: Sequence[str], gens: Sequence[torch.Generator],
+                         p_drop_text: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The text-conditional diffusion loss of Stage C and the baseline: per row, caption dropout, then t, then
+    noise from the row's own generator, so that the draws are a function of (seed, step, row)."""
+    tokens = text(drop_captions(captions, gens, p_drop_text)).to(x0)
+    t = _draw(gens, lambda g: diffusion.sample_t(1, g)[0]).to(x0.device)
+    noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
+    loss = diffusion.loss(net, x0, tokens, t=t, noise=noise).mean()
+    return loss, {"loss": loss.item()}
+
+
 class StageATask(nn.Module):
     """VQGAN training (Esser et al.; our own: the official repositories ship none).
 
@@ -204,12 +216,8 @@ class StageCTask(nn.Module):
         return self.scaling.unscale(x)
 
     def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = self.encode(batch["image"])
-        tokens = self.text(drop_captions(batch["caption"], gens, self.p_drop_text)).to(x0)
-        t = _draw(gens, lambda g: self.diffusion.sample_t(1, g)[0]).to(x0.device)
-        noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
-        loss = self.diffusion.loss(self.stage_c, x0, tokens, t=t, noise=noise).mean()
-        return loss, {"loss": loss.item()}
+        return _text_diffusion_loss(self.diffusion, self.stage_c, self.text, self.encode(batch["image"]),
+                                    batch["caption"], gens, self.p_drop_text)
 
 
 class BaselineTask(nn.Module):
@@ -240,9 +248,5 @@ class BaselineTask(nn.Module):
         return self.stage_a.encode(images)
 
     def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
-        x0 = self.encode(batch["image"])
-        tokens = self.text(drop_captions(batch["caption"], gens, self.p_drop_text)).to(x0)
-        t = _draw(gens, lambda g: self.diffusion.sample_t(1, g)[0]).to(x0.device)
-        noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
-        loss = self.diffusion.loss(self.unet, x0, tokens, t=t, noise=noise).mean()
-        return loss, {"loss": loss.item()}
+        return _text_diffusion_loss(self.diffusion, self.unet, self.text, self.encode(batch["image"]),
+                                    batch["caption"], gens, self.p_drop_text)
