@@ -35,6 +35,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _wall_time(run_dir: Path) -> str:
+    """", wall time N min" from the runner's ``done.json`` (runs made through papermill alone have none)."""
+    done = run_dir / "done.json"
+    seconds = json.loads(done.read_text()).get("wall_seconds") if done.is_file() else None
+    return f", wall time {seconds / 60:.1f} min" if seconds is not None else ""
+
+
 CLAIMS_NOTEBOOK = "07_evaluation"  # the notebook that writes tables/claims.md
 
 
@@ -76,7 +83,8 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
             continue
         metrics = run.metrics()
         meta = metrics.pop("_run", {})
-        lines += [f"Run `{run.run_id}` of `notebooks/{name}.ipynb` (updated {meta.get('updated', '?')}).", ""]
+        lines += [f"Run `{run.run_id}` of `notebooks/{name}.ipynb` (updated {meta.get('updated', '?')}"
+                  f"{_wall_time(run.dir)}).", ""]
         flat = flatten(metrics)
         if flat:
             lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()] + [""]

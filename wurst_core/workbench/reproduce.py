@@ -71,6 +71,7 @@ def run_notebook(name: str, profile: str = "tiny", parameters: dict[str, Any] | 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DONE).unlink(missing_ok=True)
     out = out_dir / "executed.ipynb"
+    t0 = time.time()
     old = os.environ.get("WURST_RUN_ID")
     os.environ["WURST_RUN_ID"] = run_id  # the kernel inherits it: the notebook writes into the same folder
     try:
@@ -82,7 +83,7 @@ def run_notebook(name: str, profile: str = "tiny", parameters: dict[str, Any] | 
             os.environ.pop("WURST_RUN_ID", None)
         else:
             os.environ["WURST_RUN_ID"] = old
-    write_json(out_dir / DONE, {"finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(out_dir / DONE, {"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_seconds": time.time() - t0})
     return out
 
 
