@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from .pipeline import Pipeline, _locate_networks
+from .folders import locate_networks
+from .pipeline import Pipeline
 from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, _size, check_memory, check_sampling_args, estimate_memory,
                     plan_sizes)
 from .weights import check_dtype, read_config
@@ -42,7 +43,7 @@ def _stored_configs(root: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
     settings of ``pipeline.json`` and the bytes of the weight files (what loading will take, in float32 files)."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
-    found = _locate_networks(root)
+    found = locate_networks(root)
     configs = {}
     for stage, path in found.items():
         if stage in ("a", "b", "c"):

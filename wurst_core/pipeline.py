@@ -29,24 +29,17 @@ from torch import Tensor, nn
 
 from .diffusion import CosineSchedule, diffuse
 from .diffusion.samplers import RNG, make_timesteps, randn, sample
+from .folders import SUBFOLDERS, load_text_encoders, locate_networks
 from .io import atomic_write, write_json
 from .models.semantic import LATENT_SCALINGS, LatentScaling, preprocess
 from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, check_memory, check_sampling_args, estimate_memory,
                     plan_sizes, stage_b_size, stage_c_size)
-from .text import HFCLIPTextEncoder, TextEncoder, TinyClipConfig, register_tiny_clip
 from .weights import FLOAT16_REFUSED, CheckpointError, check_dtype, load_model, save_model
 
 STAGE_C_SCALINGS = LATENT_SCALINGS
-# where each network lives in a folder, by layout: ours (save), diffusers' combined and split pipelines
-_SUBFOLDERS = {"c": ("stage_c", "prior_prior", "prior"), "b": ("stage_b", "decoder"), "a": ("stage_a", "vqgan"),
-               "semantic": ("semantic",)}
 
 Prompts = str | Sequence[str] | None
 StageCallback = Callable[[str, int, Tensor, Tensor], Any]  # (stage "c" | "b", step, t, latents)
-
-
-
-
 
 
 def _prompt_list(prompts: Prompts, name: str) -> list[str] | None:
@@ -149,11 +142,11 @@ class Pipeline:
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"{root} is not a folder of Würstchen checkpoints")
-        found = _locate_networks(root)
+        found = locate_networks(root)
         missing = [s for s in ("c", "b", "a") if s not in found]
         if missing:
             raise FileNotFoundError(f"{root}: no checkpoint for stage(s) {missing}; expected subfolders "
-                                    f"{[_SUBFOLDERS[s][0] for s in missing]}, a diffusers pipeline, or the released "
+                                    f"{[SUBFOLDERS[s][0] for s in missing]}, a diffusers pipeline, or the released "
                                     f".pt files (model_v2_stage_c*.pt, model_v2_stage_b.pt, vqgan_f4_v1_500k.pt)")
         nets = {s: load_model(p, s, device=device, dtype=dtype) for s, p in found.items() if s != "semantic"}
         semantic = None
@@ -165,7 +158,7 @@ class Pipeline:
                     raise
                 # a Stage B .pt without 'effnet_state_dict': the compressor is optional (reconstruct, variations)
         config = json.loads((root / "pipeline.json").read_text()) if (root / "pipeline.json").is_file() else {}
-        texts = _load_text_encoders(root, device, config.pop("text_layers", {}))
+        texts = load_text_encoders(root, device, config.pop("text_layers", {}))
         return cls(nets["c"], nets["b"], nets["a"], prior_text_encoder or texts.get("prior"),
                    decoder_text_encoder or texts.get("decoder"), semantic_compressor=semantic,
                    **{**config, **settings})
@@ -179,7 +172,7 @@ class Pipeline:
         parts = {"c": self.stage_c, "b": self.stage_b, "a": self.stage_a, "semantic": self.semantic_compressor}
         for stage, model in parts.items():
             if model is not None:
-                save_model(model, directory / _SUBFOLDERS[stage][0])
+                save_model(model, directory / SUBFOLDERS[stage][0])
         if text_encoder_dir is not None:
             source = Path(text_encoder_dir)
             for name in ("model.safetensors", "model.json"):
@@ -512,62 +505,3 @@ class Pipeline:
         latents = self.sample_stage_b(embeds, text, neg, steps=decoder_steps, guidance=decoder_guidance,
                                       latent_size=size, generator=generator, progress=progress)
         return self.decode(latents)
-
-
-def _locate_networks(root: Path) -> dict[str, Path]:
-    """stage -> checkpoint folder or file inside ``root`` (see ``Pipeline.from_pretrained``)."""
-    found: dict[str, Path] = {}
-    for stage, names in _SUBFOLDERS.items():
-        for name in names:
-            if (root / name / "model.json").is_file() or (root / name / "config.json").is_file():
-                found[stage] = root / name
-                break
-    for stage, pattern in (("c", "*stage_c*.pt"), ("b", "*stage_b*.pt"), ("a", "*vqgan*.pt")):
-        files = sorted(root.glob(pattern))
-        if stage in found or not files:
-            continue
-        if stage == "c" and len(files) > 1:
-            files = [f for f in files if "interpolation" in f.name] or files
-        if len(files) > 1:
-            raise ValueError(f"{root}: several {pattern} files {[f.name for f in files]}; keep one")
-        found[stage] = files[0]
-    if "semantic" not in found and found.get("b", Path()).suffix == ".pt":
-        found["semantic"] = found["b"]  # the released Stage B file also holds 'effnet_state_dict'
-    return found
-
-
-def _load_text_encoders(root: Path, device: str | torch.device,
-                        layers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Text encoders stored in a checkpoint folder: transformers CLIP folders (diffusers' names) or open_clip
-    checkpoints written by ``wurst_core.text`` (``text_encoder/`` then serves both stages). ``layers``: the hidden
-    states each stage reads ({"prior": "penultimate", ...}, from ``pipeline.json``; default "last")."""
-    layers = layers or {}
-    out: dict[str, Any] = {}
-    for stage, model_dir, tok_dir in (("prior", "prior_text_encoder", "prior_tokenizer"),
-                                      ("decoder", "text_encoder", "tokenizer")):
-        if (root / model_dir / "config.json").is_file() and (root / tok_dir).is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            model = CLIPTextModel.from_pretrained(root / model_dir).to(device).eval()
-            out[stage] = HFCLIPTextEncoder(CLIPTokenizer.from_pretrained(root / tok_dir), model,
-                                           layer=layers.get(stage, "last"))
-    loaded: dict[Path, Any] = {}  # one shared text_encoder/ is loaded once and serves both stages
-    for stage, names in (("prior", ("prior_text_encoder", "text_encoder")),
-                         ("decoder", ("decoder_text_encoder", "text_encoder"))):
-        folder = next((root / n for n in names if (root / n / "model.json").is_file()), None)
-        if stage not in out and folder is not None:
-            if folder not in loaded:
-                loaded[folder] = _load_open_clip_text(folder, device)
-            out[stage] = loaded[folder].with_layer(layers.get(stage, "last"))
-    return out
-
-
-def _load_open_clip_text(folder: Path, device: str | torch.device) -> Any:
-    meta = json.loads((folder / "model.json").read_text())
-    if "tiny_clip" not in meta:
-        raise ValueError(f"{folder / 'model.json'} is not a wurst_core.text checkpoint (no 'tiny_clip' entry)")
-    name = register_tiny_clip(TinyClipConfig(**meta["tiny_clip"]))
-    return TextEncoder.from_open_clip(name, folder / "model.safetensors", device=device)
-
-
-# ------------------------------------------------------------------ checks before sampling (issue 18)

@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 import pandas as pd
 from torch import Tensor
 
-from . import compute
+from .compute import carbon_kg as carbon_from_kwh
+from .compute import energy_kwh
 from .preference import win_rate
 from .stats import Estimate
 
@@ -113,7 +114,7 @@ def table2(rows: Sequence[Table2Row], fid_label: str = "FID", is_label: str = "I
         if carbon is None and r.gpu_hours is not None:
             carbon = carbon_kg(r.gpu_hours, watts, kg_per_kwh)
         if carbon is None and r.cpu_core_hours is not None:
-            carbon = compute.carbon_kg(compute.energy_kwh(r.cpu_core_hours, watts_per_core), kg_per_kwh)
+            carbon = carbon_from_kwh(energy_kwh(r.cpu_core_hours, watts_per_core), kg_per_kwh)
         rec.update({"GPU hours (paper)": r.gpu_hours, "CPU core-hours (here)": r.cpu_core_hours,
                     "Train samples": r.train_samples, "Est. carbon [kg CO2eq]": carbon})
         records.append(rec)
