@@ -18,8 +18,8 @@ from torchvision.utils import save_image
 
 from .folders import locate_networks
 from .pipeline import Pipeline
-from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, _size, check_memory, check_sampling_args, estimate_memory,
-                    plan_sizes)
+from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, check_memory, check_sampling_args, estimate_memory,
+                    format_bytes, plan_sizes)
 from .weights import check_dtype, read_config
 
 
@@ -94,7 +94,7 @@ def generate(prompt: str | Sequence[str], weights_dir: str | os.PathLike, seed: 
     guidance = [kwargs.get(k) if kwargs.get(k) is not None else settings.get(k, default)
                 for k, default in (("prior_guidance", 4.0), ("decoder_guidance", 0.0))]
     check_memory(weight_bytes + estimate_memory(plan, configs, batch, *guidance), device,
-                 f"{height} x {width} px, {batch} image(s) (weights {_size(weight_bytes)})")
+                 f"{height} x {width} px, {batch} image(s) (weights {format_bytes(weight_bytes)})")
     pipe = Pipeline.from_pretrained(weights_dir, device=device, dtype=dtype)
     images = pipe(prompt, generator=torch.Generator().manual_seed(seed), progress=progress, **kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,17 @@ def config_differences(recorded: dict[str, Any], config: dict[str, Any]) -> list
     return out
 
 
+def refuse_changed_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Raise :class:`ResumeError` when ``config`` differs from the one ``run_dir`` recorded beyond what a resume may
+    change (only ``steps`` may grow)."""
+    recorded = run_dir / "config.json"
+    if recorded.exists():
+        changed = config_differences(json.loads(recorded.read_text()), config)
+        if changed:
+            raise ResumeError(f"cannot resume {run_dir} with other hyper-parameters ({'; '.join(changed)}); "
+                              "start a new run instead (without resume)")
+
+
 def resumable_run_id(notebook: str, profile: str) -> str:
     """The newest run folder of a notebook on a profile (finished or killed): the one ``resume`` continues."""
     base = paths.runs_dir() / notebook / profile
@@ -115,18 +126,14 @@ def start_run(notebook: str, profile: str, config: Any = None, run_id: str | Non
     cfg = None
     if config is not None:
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    recorded = d / "config.json"
-    if resume and recorded.exists():
+    if resume and (d / "config.json").exists():
         if cfg is not None:
-            changed = config_differences(json.loads(recorded.read_text()), cfg)
-            if changed:
-                raise ResumeError(f"cannot resume {d} with other hyper-parameters ({'; '.join(changed)}); "
-                                  "start a new run instead (resume=False)")
+            refuse_changed_config(d, cfg)
         cfg = None  # the folder keeps the configuration its weights were made with
     d.mkdir(parents=True, exist_ok=True)
     run = Run(notebook=notebook, profile=profile, run_id=run_id, dir=d)
     if cfg is not None:
-        write_json(recorded, cfg)
+        write_json(d / "config.json", cfg)
     run.logger.info("run %s: %s", "resumed" if resume else "started", d)
     return run
 

@@ -186,12 +186,12 @@ def check_memory(needed: int, device: str | torch.device, what: str) -> None:
         return
     limit = int(free * MEMORY_FRACTION)
     if needed > limit:
-        raise ValueError(f"{what}: needs about {_size(needed)} of memory (estimate), more than the {_size(limit)} a "
-                          f"run may use ({MEMORY_FRACTION:.0%} of the {_size(free)} available on "
+        raise ValueError(f"{what}: needs about {format_bytes(needed)} of memory (estimate), more than the "
+                          f"{format_bytes(limit)} a run may use ({MEMORY_FRACTION:.0%} of the {format_bytes(free)} available on "
                           f"{torch.device(device).type}); ask for a smaller image or fewer images")
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -106,13 +106,7 @@ def read_config(path: str | os.PathLike, stage: str | None = None) -> tuple[str,
     if path.is_dir() and (path / "model.json").is_file():
         return _read_ours_config(path / "model.json", stage)
     if path.is_dir() and (path / "config.json").is_file():
-        try:
-            values = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from e
-        found, config = config_from_diffusers(values)
-        _check_stage(found, stage, path)
-        return found, config
+        return _read_diffusers_config(path, stage)
     if path.suffix == ".json" and path.is_file():
         return _read_ours_config(path, stage)
     if path.suffix == ".safetensors" and path.with_suffix(".json").is_file():
@@ -239,13 +233,18 @@ def _read_ours(meta_path: Path, stage: str | None) -> tuple[str, Tensors, Any]:
     return found, _read_tensors(weights), config
 
 
-def _read_diffusers(folder: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+def _read_diffusers_config(folder: Path, stage: str | None) -> tuple[str, Any]:
     try:
         values = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: unreadable ({e})") from e
     found, config = config_from_diffusers(values)
     _check_stage(found, stage, folder)
+    return found, config
+
+
+def _read_diffusers(folder: Path, stage: str | None) -> tuple[str, Tensors, Any]:
+    found, config = _read_diffusers_config(folder, stage)
     sd: Tensors = {}
     for file in _diffusers_weight_files(folder):
         sd.update(_read_tensors(file))

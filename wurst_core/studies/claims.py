@@ -1,15 +1,14 @@
 """The paper's claims as notebook 07 states and measures them (issue 20): one :class:`Claim` each, its decision rule
 fixed here, before any result is read, and printed by the notebook before its results.
 
-Measured by 07: "at equal training compute, Würstchen beats the baseline LDM" (Tables 1 and 2), when a finished
-``08_baseline`` run exists. Its measurement is the paired difference in all-correct compositional accuracy
-(percentage points: the attribute probe against each prompt's ground truth), Würstchen minus the baseline, on the same
-held-out prompts with the same per-prompt seeds, pooled over the baseline's training seeds
-(:func:`~wurst_core.evaluation.stats.pooled_paired_difference`, whose interval carries the seed-to-seed spread; the one
-Würstchen model is paired with each seed); with a single baseline seed, that seed's paired difference. Beside it, per
-seed and pooled: the paired difference in cell IoU, the oracle judge's and the judge CLIP's win rates of Würstchen
-(ties half), and how often the two judges agree. The other claims are listed as "not measured yet", each saying what
-will measure it.
+Measured by 07 when a finished ``08_baseline`` run exists: "at equal training compute, Würstchen beats the baseline
+LDM" (Tables 1 and 2), three ways, each with its own verdict: prompt adherence (the paired difference in all-correct
+compositional accuracy, in points), preference (the judge CLIP's PickScore-procedure win rate of Würstchen, ties
+half) and image quality (the baseline's KID_tiny minus Würstchen's, paired by prompt). Every system samples prompt i
+from the same seed; each is pooled over the baseline's training seeds (the interval carries the seed-to-seed spread;
+with one seed, that seed's estimate). Beside them, per seed and pooled: the paired difference in cell IoU, the oracle
+judge's win rate and how often the two judges agree. The other claims are listed as "not measured yet", each saying
+what will measure it.
 """
 from __future__ import annotations
 

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .. import params, paths
+from .. import paths
 from ..io import write_json
-from ..params import PROFILES, ParameterError
-from ..runs import ResumeError, config_differences, new_run_id, resumable_run_id
+from ..params import PROFILES, ParameterError, build
+from ..runs import ResumeError, new_run_id, refuse_changed_config, resumable_run_id
 from .registry import NOTEBOOKS, notebooks, schema
 from .report import build_report
 
@@ -37,18 +36,13 @@ def check_parameters(name: str, profile: str, parameters: dict[str, Any]) -> Any
     unknown = sorted(set(parameters) - fields)
     if unknown:
         raise ParameterError(f"unknown parameter(s) {unknown} for {name}; it takes {sorted(fields)}")
-    return params.build(schema(name), {**parameters, "profile": profile})
+    return build(schema(name), {**parameters, "profile": profile})
 
 
 def _resume_folder(name: str, profile: str, config: Any, run_id: str | None) -> str:
     """The run folder a resumed notebook continues, refusing other hyper-parameters before anything runs."""
     run_id = run_id or resumable_run_id(name, profile)
-    recorded = paths.runs_dir() / name / profile / run_id / "config.json"
-    if recorded.exists():
-        changed = config_differences(json.loads(recorded.read_text()), dataclasses.asdict(config))
-        if changed:
-            raise ResumeError(f"cannot resume {recorded.parent} with other hyper-parameters ({'; '.join(changed)}); "
-                              "start a new run instead (without resume)")
+    refuse_changed_config(paths.runs_dir() / name / profile / run_id, dataclasses.asdict(config))
     return run_id
 
 
@@ -61,8 +55,8 @@ def run_notebook(name: str, profile: str = "tiny", parameters: dict[str, Any] | 
     """
     import papermill as pm
 
-    params = {**(parameters or {}), "profile": profile}
-    config = check_parameters(name, profile, params)
+    values = {**(parameters or {}), "profile": profile}
+    config = check_parameters(name, profile, values)
     if getattr(config, "resume", False):
         run_id = _resume_folder(name, profile, config, run_id)
         print(f"[wurst] resuming {name} in {paths.runs_dir() / name / profile / run_id}", flush=True)
@@ -75,7 +69,7 @@ def run_notebook(name: str, profile: str = "tiny", parameters: dict[str, Any] | 
     old = os.environ.get("WURST_RUN_ID")
     os.environ["WURST_RUN_ID"] = run_id  # the kernel inherits it: the notebook writes into the same folder
     try:
-        pm.execute_notebook(str(paths.NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=params,
+        pm.execute_notebook(str(paths.NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=values,
                             kernel_name="python3", language="python", cwd=str(paths.REPO_ROOT),
                             progress_bar=progress, execution_timeout=timeout)
     finally:
