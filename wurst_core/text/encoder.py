@@ -1,4 +1,4 @@
-"""Text conditioning: open_clip text towers, the transformers wrapper of the pipelines, and a tiny custom CLIP.
+"""Text conditioning: open_clip text towers and the transformers wrapper of the pipelines.
 
 Würstchen conditions Stages B and C on *un-pooled* CLIP text embeddings (paper §4: CLIP-H; released v2
 Stage C: CLIP-bigG), all 77 token vectors of the final layer after the final LayerNorm: HF
@@ -12,9 +12,7 @@ with ``<|endoftext|>`` and the attention mask hides padded keys. The token vecto
 token are identical either way; the padded positions (which Stage B/C attend to) differ. ``hf_padding=True``
 (default) reproduces the HF/diffusers computation with open_clip weights.
 
-The tiny CLIP (a registered open_clip config, ViT image tower at 64 px) is trained contrastively on the
-procedural dataset, saved as safetensors + JSON under ``cache_dir()/<profile>/text_encoder`` and reloaded
-frozen (paper §3: the text encoder is frozen) by the Stage B/C notebooks.
+The tiny CLIP that the small profiles condition on, its training, saving and loading are in :mod:`.clip`.
 """
 from __future__ import annotations
 
