@@ -144,7 +144,7 @@ def test_real_architectures_by_name(name, width, params):
 def trained(tmp_path_factory):
     """The smoke tiny CLIP, trained and saved once for the tests below."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    training = T.ClipTraining(steps=40, batch_size=32, pool=512, eval_size=64, warmup=5, filip=1.0)  # ~15 s, one core
+    training = T.ClipTraining(steps=60, batch_size=32, pool=512, eval_size=64, warmup=5, filip=1.0)  # ~17 s, one core
     model, info = T.train_and_save_tiny_clip("smoke", seed=0, progress=False, directory=directory, training=training)
     return model, info, directory
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
-from .procedural import (BACKGROUNDS, COUNT_WORDS, POSITION_PHRASES, SIZES, TEMPLATES, Resolution, _hw, item_rng,
-                         join_phrases, sample_layout)
+from .procedural import (BACKGROUNDS, COUNT_WORDS, POSITION_PHRASES, SIZES, TEMPLATES, Resolution, _hw,
+                         draw_for_split, item_rng, join_phrases, sample_layout)
 from .transforms import to_tensor
 
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -153,13 +153,17 @@ class EmojiDataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of {self.size}")
         rng = item_rng("emoji", self.seed, self.split, index)
-        count = rng.randint(self.min_objects, self.max_objects)
-        background = rng.choice(list(BACKGROUNDS))
-        objects = []
-        for cell in sample_layout(rng, count, SIZE_FRACTION):
-            char = rng.choice(self.emoji)
-            objects.append({"emoji": emoji_name(char), "char": char, **cell})
-        return rng, {"background": background, "count": count, "objects": objects}
+
+        def draw() -> dict[str, Any]:
+            count = rng.randint(self.min_objects, self.max_objects)
+            background = rng.choice(list(BACKGROUNDS))
+            objects = []
+            for cell in sample_layout(rng, count, SIZE_FRACTION):
+                char = rng.choice(self.emoji)
+                objects.append({"emoji": emoji_name(char), "char": char, **cell})
+            return {"background": background, "count": count, "objects": objects}
+        # compositions reserved for the test split never reach train or val (procedural.is_novel)
+        return rng, draw_for_split(draw, self.split, index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng, attrs = self._rng_attributes(int(index))

@@ -13,12 +13,18 @@ Attribute schema (fixed; the evaluation probe relies on it)::
 
 ``cx``/``cy`` are the object's centre as fractions of the image width/height. Objects occupy distinct grid cells
 and stay inside their cell, so they never overlap and ``hpos``/``vpos`` are unambiguous.
+
+Held-out means novel: a deterministic hash of each scene's composition (what its caption states, :func:`signature`)
+reserves :data:`NOVEL_FRACTION` of all compositions for the test split. The train and val splits redraw a reserved
+composition, so none is ever rendered for training; even test items are novel, odd test items are drawn as training
+items are (docs/findings.md#held-out-means-novel).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -211,6 +217,47 @@ def signature(attributes: dict[str, Any]) -> tuple:
     return attributes["background"], tuple(sorted(objects))
 
 
+NOVEL_FRACTION = 0.25  # share of all compositions that only the test split ever draws
+_HASH_SPACE = 2 ** 64
+
+
+def composition_key(attributes: dict[str, Any]) -> str:
+    """The scene's composition as a stable string: equal for two scenes whose captions state the same content."""
+    return repr(signature(attributes))
+
+
+def is_novel(attributes: dict[str, Any], fraction: float = NOVEL_FRACTION) -> bool:
+    """Whether the scene's composition is reserved for the test split (a SHA-256 of :func:`composition_key`)."""
+    digest = hashlib.sha256(composition_key(attributes).encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * _HASH_SPACE
+
+
+def wants_novel(split: str, index: int) -> bool:
+    """The test split alternates novel (even items) and training-like (odd items); train and val are never novel."""
+    return split == "test" and index % 2 == 0
+
+
+def draw_for_split(draw: Callable[[], dict[str, Any]], split: str, index: int) -> dict[str, Any]:
+    """``draw()`` repeated (on the item's own random stream) until the scene's novelty is what ``split`` and ``index``
+    ask for (:func:`wants_novel`): deterministic, and a reserved composition never reaches train or val."""
+    want = wants_novel(split, index)
+    for _ in range(10_000):  # a quarter of compositions are novel: a handful of draws, bounded all the same
+        attributes = draw()
+        if is_novel(attributes) == want:
+            return attributes
+    raise RuntimeError(f"no {'novel' if want else 'non-novel'} composition in 10,000 draws ({split} item {index})")
+
+
+def training_counterfactual(attributes: dict[str, Any], kinds: Sequence[str], rng: random.Random) -> dict[str, Any]:
+    """A counterfactual twin to train on: its kind drawn from ``kinds``, redrawn until its composition is not reserved
+    for the test split (hard negatives are rendered too)."""
+    for _ in range(1000):
+        twin = counterfactual(attributes, rng.choice(list(kinds)), rng)
+        if not is_novel(twin):
+            return twin
+    raise RuntimeError("no counterfactual twin outside the reserved compositions in 1,000 draws")
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, fill: tuple[int, int, int], x: float, y: float, d: float) -> None:
     r = d / 2
     if shape == "circle":
@@ -250,7 +297,8 @@ def render(attributes: dict[str, Any], resolution: Resolution = 64, supersample:
 class ProceduralDataset(Dataset):
     """``size`` items; item ``i`` of ``(seed, split)`` is always the same image, caption and attributes.
 
-    Splits draw from disjoint random streams, so ``split="val"`` is a held-out set fixed by the seed.
+    Splits draw from disjoint random streams, so ``split="val"`` is a held-out set fixed by the seed; compositions
+    reserved for ``split="test"`` (:func:`is_novel`) never occur in train or val.
     """
 
     def __init__(self, size: int = 10_000, resolution: Resolution = 64, seed: int = 0, split: str = "train",
@@ -269,7 +317,8 @@ class ProceduralDataset(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of {self.size}")
         rng = item_rng("procedural", self.seed, self.split, index)
-        return rng, sample_attributes(rng, self.min_objects, self.max_objects)
+        return rng, draw_for_split(lambda: sample_attributes(rng, self.min_objects, self.max_objects), self.split,
+                                   index)
 
     def attributes(self, index: int) -> dict[str, Any]:
         return self._rng_attributes(index)[1]

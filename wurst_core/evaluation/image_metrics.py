@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -221,32 +221,38 @@ def _mmd2(kxx: Tensor, kyy: Tensor, kxy: Tensor, ix: Tensor, iy: Tensor) -> floa
                  - 2 * kxy[ix][:, iy].mean())
 
 
-def paired_kid_difference(real: FeatureSet, model: FeatureSet, others: list[FeatureSet], n_boot: int = 1000,
-                          seed: int = 0) -> tuple[list[Estimate], Estimate | None]:
+def paired_kid_difference(real: FeatureSet, model: FeatureSet | Sequence[FeatureSet], others: list[FeatureSet],
+                          n_boot: int = 1000, seed: int = 0) -> tuple[list[Estimate], Estimate | None]:
     """KID of each of ``others`` minus KID of ``model`` (positive: ``model`` is closer to the real images), its
-    images paired with ``model``'s by prompt (row i of every set answers prompt i).
+    images paired with ``model``'s by prompt (row i of every set answers prompt i). ``model`` may be one set per
+    ``others`` (e.g. Würstchen's training seeds against the baseline's, paired in order).
 
     The estimator is the full-set unbiased MMD² with KID's cubic kernel (torchmetrics averages it over subsets
     instead). Each bootstrap resample draws the real images and the prompts, the same prompts for both arms; the
     pooled estimate (two or more ``others``, e.g. training seeds) also draws the seeds, so its interval carries the
     seed-to-seed spread.
     """
-    for other in others:
-        _check_pair(model, other)
-        if len(other) != len(model):
-            raise ValueError(f"paired sets need one image per prompt each, got {len(model)} and {len(other)}")
-    r, m = real.features, model.features
-    krr, kmm, krm = _poly_kernel(r, r), _poly_kernel(m, m), _poly_kernel(r, m)
-    kernels = [(_poly_kernel(o.features, o.features), _poly_kernel(r, o.features)) for o in others]
+    models = list(model) if isinstance(model, Sequence) else [model] * len(others)
+    if len(models) != len(others):
+        raise ValueError(f"need one model set per other set (or one), got {len(models)} and {len(others)}")
+    for m, other in zip(models, others):
+        _check_pair(m, other)
+        if len(other) != len(m):
+            raise ValueError(f"paired sets need one image per prompt each, got {len(m)} and {len(other)}")
+    r = real.features
+    krr = _poly_kernel(r, r)
+    kernels = [(_poly_kernel(m.features, m.features), _poly_kernel(r, m.features),
+                _poly_kernel(o.features, o.features), _poly_kernel(r, o.features)) for m, o in zip(models, others)]
 
     def diff(s: int, ir: Tensor, ip: Tensor) -> float:
-        kbb, krb = kernels[s]
+        kmm, krm, kbb, krb = kernels[s]
         return _mmd2(krr, kbb, krb, ir, ip) - _mmd2(krr, kmm, krm, ir, ip)
 
-    per_seed = [bootstrap(lambda ir, ip, s=s: diff(s, ir, ip), len(r), len(m), n_boot=n_boot, seed=seed)
+    n = len(models[0])
+    per_seed = [bootstrap(lambda ir, ip, s=s: diff(s, ir, ip), len(r), n, n_boot=n_boot, seed=seed)
                 for s in range(len(others))]
     if len(others) < 2:
         return per_seed, None
     pooled = bootstrap(lambda iseed, ir, ip: sum(diff(int(s), ir, ip) for s in iseed) / len(iseed),
-                       len(others), len(r), len(m), n_boot=n_boot, seed=seed)
+                       len(others), len(r), n, n_boot=n_boot, seed=seed)
     return per_seed, pooled

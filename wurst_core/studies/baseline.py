@@ -34,12 +34,13 @@ from ..models import count_parameters
 from ..models.baseline import BASELINE_SIZES, BaselineUNet, load_baseline, save_baseline
 from ..params import Domain, param
 from ..runs import Run
+from ..text import text_encoder_dir
 from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators
 from ..weights import load_model
 from .figures import image_grid, save_figure
 from .phases import _COMMON, PhaseParams, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder, upstream
 from .stage_b import StageBParams
-from .stage_c import StageCParams
+from .stage_c import StageCParams, build_stage_c, stage_c_pipeline
 
 BUDGETS: dict[str, tuple[str, ...]] = {"stage_c": ("stage_c",), "stage_bc": ("stage_b", "stage_c")}
 FLOPS_ROWS = 32  # rows of the counted batch: the tiny profile's whole batch; larger batches are scaled linearly
@@ -52,6 +53,7 @@ class BaselineParams(PhaseParams):
     steps: int = param(0, ge=0)  # 0: the compute budget's steps; > 0: this many (no longer equal compute)
     budget: str = params.choice("stage_c", *BUDGETS)  # whose training FLOPs the baseline gets
     seeds: str = param("0,1", items=Domain(lo=0))  # training seeds (init, batch order, noise), one run each
+    stage_c_seeds: str = param("1", items=Domain(lo=0))  # more Stage C seeds trained here as 05 trains seed 0
     sample_steps: int = param(0, ge=1, le=1000)   # DDPM steps of the sample grid
     guidance: float | None = param(None, ge=0)    # classifier-free guidance of the sample grid (on above 1)
     n_prompts: int = param(16, ge=1)              # held-out prompts in the sample grid
@@ -71,9 +73,16 @@ class BaselineParams(PhaseParams):
             raise ValueError(f"parameter 'seeds' must be comma-separated integers >= 0, got {self.seeds!r}")
         if len(set(map(int, seeds))) != len(seeds):
             raise ValueError(f"parameter 'seeds' lists a seed twice: {self.seeds!r}")
+        extra = params.listed(self.stage_c_seeds)
+        if any(not s.isdigit() for s in extra) or len(set(map(int, extra))) != len(extra):
+            raise ValueError(f"parameter 'stage_c_seeds' must be distinct comma-separated integers >= 0, got "
+                             f"{self.stage_c_seeds!r}")
 
     def seed_list(self) -> list[int]:
         return [int(s) for s in params.listed(self.seeds)]
+
+    def stage_c_seed_list(self) -> list[int]:
+        return [int(s) for s in params.listed(self.stage_c_seeds)]
 
 
 # ------------------------------------------------------------------------------------------- the budget
@@ -252,7 +261,19 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
                                                     f"baseline_seed{seed}", train, progress)
         save_baseline(task.unet, checkpoint_dir(run, f"baseline_seed{seed}"))  # EMA weights (_fit_phase loaded them)
         unets[seed] = task.unet
-    table = flops_table([arms["stage_c"], arms["stage_b"]]
+    c_seconds = {}
+    for seed in p.stage_c_seed_list():  # Würstchen's seed spread: Stage C again, as 05 trains it, from another seed
+        if seed == sc.seed:
+            raise ValueError(f"parameter 'stage_c_seeds' lists {seed}, the seed the 05_stage_c run already trained")
+        sc_seed = dataclasses.replace(sc, seed=seed, resume=p.resume, workers=p.workers)
+        task, stream, b_run = build_stage_c(dataclasses.replace(sc_seed, seed=sc.seed), seed=seed)  # 05's data stream
+        _, c_seconds[seed] = _fit_phase(task, sc_seed, run, f"stage_c_seed{seed}", stream, progress)
+        stage_c_pipeline(task, sc, b_run).save(checkpoint_dir(run, f"pipeline_stage_c_seed{seed}"),
+                                               text_encoder_dir=text_encoder_dir(p.profile))
+    c_arm = arms["stage_c"]
+    table = flops_table([c_arm, arms["stage_b"]]
+                        + [dataclasses.replace(c_arm, name=f"Stage C, seed {s}", train_seconds=t, workers=p.workers,
+                                               run=f"{run.notebook}/{run.run_id}") for s, t in c_seconds.items()]
                         + [Arm(f"baseline, seed {s}", flops, steps, p.batch_size, seconds[s], p.workers,
                                f"{run.notebook}/{run.run_id}") for s in unets], budget)
     run.save_table("flops", table)
@@ -267,7 +288,8 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
                "flops_rows_counted": info["rows_counted"], "budget": p.budget, "budget_flops": budget,
                "baseline_flops": steps * flops, "budget_ratio": steps * flops / budget, "steps": steps,
                "steps_from_budget": not p.steps, "stage_c_steps": arms["stage_c"].steps,
-               "stage_b_steps": arms["stage_b"].steps, "seeds": list(unets),
+               "stage_b_steps": arms["stage_b"].steps, "seeds": list(unets), "stage_c_seeds": list(c_seconds),
+               "stage_c_train_seconds": {f"seed{s}": t for s, t in c_seconds.items()},
                "train_seconds": {f"seed{s}": t for s, t in seconds.items()},
                "core_seconds": {f"seed{s}": t * p.workers for s, t in seconds.items()},
                "wall_seconds": time.time() - t0, "parameters_baseline": count_parameters(unets[first]),
@@ -309,6 +331,7 @@ class TrainedBaseline:
     resolution: int
     sample_steps: int
     guidance: float
+    stage_c_pipelines: dict[int, Path] = dataclasses.field(default_factory=dict)  # more Würstchen seeds, by seed
 
     def sample(self, seed: int, prompts: list[str], generator: RNG) -> torch.Tensor:
         """Images of the U-Net trained with ``seed`` for ``prompts``, as 08's sample grid draws them."""
@@ -329,9 +352,12 @@ def load_trained_baseline(run: Run) -> TrainedBaseline:
                                 "notebooks/08_baseline.ipynb")
     notebook, c_id = metrics["upstream"]["stage_c"].split("/")  # the Stage C run whose objective 08 trained with
     sc = _recorded(StageCParams, Run(notebook, run.profile, c_id, paths.runs_dir() / notebook / run.profile / c_id))
+    pipelines = {int(s): run.dir / "checkpoints" / f"pipeline_stage_c_seed{s}"
+                 for s in metrics.get("stage_c_seeds", [])}
     return TrainedBaseline(run, {s: load_baseline(f) for s, f in folders.items()}, freeze(load_stage("a", run.profile)),
                            TextCache(text_encoder(run.profile, metrics["text_layer"])), sc.diffusion().schedule,
-                           int(config["resolution"]), int(config["sample_steps"]), float(config.get("guidance") or 0.0))
+                           int(config["resolution"]), int(config["sample_steps"]), float(config.get("guidance") or 0.0),
+                           pipelines)
 
 
 def seeds_loss_figure(histories: Mapping[int, pd.DataFrame]):

@@ -132,26 +132,33 @@ def _per_prompt(model_checks: Mapping[str, Tensor], checks: Mapping[str, Tensor]
             "judge_win": 100 * judge, "judges_agree": 100 * pairwise_agreement(oracle, judge)}
 
 
-def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Mapping[str, Tensor], model: str,
-                          baselines: Sequence[str], n_boot: int = MIN_BOOT, seed: int = 0,
+def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Mapping[str, Tensor],
+                          model: str | Sequence[str], baselines: Sequence[str], n_boot: int = MIN_BOOT, seed: int = 0,
                           kid: tuple[list[Estimate], Estimate | None] | None = None) -> BaselineComparison:
     """``checks``: generator -> per-prompt probe checks (``CompositionalResult.checks``); ``scores``: generator ->
-    per-prompt judge score (``pick_scores``); ``model`` against each of ``baselines`` (one per training seed);
-    ``kid``: the paired KID differences per seed and pooled (``image_metrics.paired_kid_difference``)."""
+    per-prompt judge score (``pick_scores``); ``model`` (one generator, or one per baseline seed: Würstchen's
+    training seeds, paired in order) against each of ``baselines`` (one per training seed); ``kid``: the paired KID
+    differences per pair and pooled (``image_metrics.paired_kid_difference``)."""
     if not baselines:
         raise ValueError("need at least one baseline seed to compare with")
+    models = [model] * len(baselines) if isinstance(model, str) else list(model)
+    if len(models) != len(baselines):
+        raise ValueError(f"need one model per baseline seed (or one model), got {len(models)} and {len(baselines)}")
     n_boot = max(n_boot, MIN_BOOT)
-    arms = {b: _per_prompt(checks[model], checks[b], scores[model], scores[b]) for b in baselines}
-    per_seed = {b: {**{f"{k}_diff": paired_difference(*q[k], n_boot=n_boot, seed=seed) for k in PAIRED},
-                    **{k: mean_ci(q[k], n_boot=n_boot, seed=seed) for k in RATES}} for b, q in arms.items()}
+    # one row per pair: the baseline's name alone when a single Würstchen faces every baseline seed
+    labels = [b if isinstance(model, str) else f"{m} / {b}" for m, b in zip(models, baselines)]
+    arms = {label: _per_prompt(checks[m], checks[b], scores[m], scores[b])
+            for label, m, b in zip(labels, models, baselines)}
+    per_seed = {label: {**{f"{k}_diff": paired_difference(*q[k], n_boot=n_boot, seed=seed) for k in PAIRED},
+                        **{k: mean_ci(q[k], n_boot=n_boot, seed=seed) for k in RATES}} for label, q in arms.items()}
     if kid is not None:
-        for b, est in zip(baselines, kid[0]):
-            per_seed[b]["kid_diff"] = est
-    if len(baselines) == 1:
+        for label, est in zip(labels, kid[0]):
+            per_seed[label]["kid_diff"] = est
+    if len(labels) == 1:
         return BaselineComparison(per_seed, None)
-    stacked = {k: [torch.stack(arm) for arm in zip(*(arms[b][k] for b in baselines))] for k in PAIRED}  # (S, P) each
+    stacked = {k: [torch.stack(arm) for arm in zip(*(arms[label][k] for label in labels))] for k in PAIRED}  # (S, P)
     pooled = {**{f"{k}_diff": pooled_paired_difference(*stacked[k], n_boot=n_boot, seed=seed) for k in PAIRED},
-              **{k: pooled_over_seeds(torch.stack([arms[b][k] for b in baselines]), n_boot=n_boot, seed=seed)
+              **{k: pooled_over_seeds(torch.stack([arms[label][k] for label in labels]), n_boot=n_boot, seed=seed)
                  for k in RATES}}
     if kid is not None and kid[1] is not None:
         pooled["kid_diff"] = kid[1]

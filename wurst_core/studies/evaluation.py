@@ -52,6 +52,7 @@ from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
 from .baseline import TrainedBaseline, load_trained_baseline
 from .claims import BaselineComparison, claims_records, compare_with_baseline, measured_claims
 from .figures import image_grid
+from .heldout import NOVEL, composition_groups, group_table, masked, seen_compositions, subset_features
 from .sampling import SamplingParams, load_sampling_pipeline
 
 REAL = "real (ground truth)"
@@ -262,6 +263,22 @@ def _baseline_generators(baseline: TrainedBaseline | None, seed: int) -> dict[st
             for s in baseline.unets}
 
 
+def stage_c_name(seed: int) -> str:
+    return f"Würstchen (Stage C seed {seed}, 08)"
+
+
+def _stage_c_seed_generators(baseline: TrainedBaseline | None, p: EvaluationParams) -> dict[str, gens.Generator]:
+    """Würstchen with each Stage C that 08 trained from another seed, sampled exactly as the 05 pipeline."""
+    if baseline is None:
+        return {}
+    out = {}
+    for seed, folder in baseline.stage_c_pipelines.items():
+        pipe, info = load_sampling_pipeline(SamplingParams(profile=p.profile, weights_dir=str(folder), seed=p.seed))
+        out[stage_c_name(seed)] = gens.pipeline_generator(pipe, int(info["size"]), p.prior_steps, p.decoder_steps,
+                                                          p.prior_guidance, seed=p.seed, per_prompt=True)
+    return out
+
+
 def _baseline_rows(baseline: TrainedBaseline | None) -> dict[str, dict[str, Any]]:
     """Table 2 cells of each baseline seed: parameters, sampling steps, CPU core-hours and training samples."""
     if baseline is None:
@@ -278,7 +295,8 @@ def _baseline_detail(baseline: TrainedBaseline, n_prompts: int) -> dict[str, Any
     m = baseline.run.metrics()
     return {"run": f"08_baseline/{baseline.run.run_id}", "budget": m.get("budget"),
             "budget_ratio": m.get("budget_ratio"), "steps": m.get("steps"), "seeds": list(baseline.unets),
-            "sample_steps": baseline.sample_steps, "guidance": baseline.guidance, "n_prompts": n_prompts}
+            "stage_c_seeds": list(baseline.stage_c_pipelines), "sample_steps": baseline.sample_steps,
+            "guidance": baseline.guidance, "n_prompts": n_prompts}
 
 
 def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
@@ -297,6 +315,9 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     # held-out prompts with their ground truth, an independent real sample for FID, the probe's training images
     test = load_images(p.dataset, p.n_prompts, res, p.seed, "test", progress=False)
     prompts, truths = test["caption"], test["attributes"]
+    seen, seen_note = seen_compositions(p.profile, p.dataset) if trained and not p.weights_dir else (set(), "")
+    groups = composition_groups(truths, seen)
+    log("held-out prompts: " + ", ".join(f"{g} {int(m.sum())}" for g, m in groups.items()) + f" ({seen_note})")
     reference = load_images(p.dataset, p.n_prompts, res, p.seed, "val", progress=False)["image"]
     cfg = PROBE_SIZES[p.probe_size]
     train = load_images(p.dataset, p.probe_images, cfg.resolution, p.seed, "train", progress=False)
@@ -310,6 +331,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         REAL: gens.lookup_generator(prompts, test["image"]),
         model_name: gens.pipeline_generator(pipe, int(pipe_info["size"]), p.prior_steps, p.decoder_steps,
                                             p.prior_guidance, seed=p.seed, per_prompt=paired),
+        **_stage_c_seed_generators(baseline, p),
         **_baseline_generators(baseline, p.seed),
         SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
         NOISE: gens.noise_generator(res, p.seed),
@@ -342,7 +364,8 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     phases = _training_costs(p)
     cost_table, costs = _cost_table(phases, p)
     c = phases["05_stage_c"] or {}
-    samples = c["steps"] * c["batch"] * c["grad_accum"] if c.get("steps") and c.get("batch") else None
+    # batch_size is the global batch (grad_accum splits it into micro-batches): steps x batch samples
+    samples = c["steps"] * c["batch"] if c.get("steps") and c.get("batch") else None
     # random weights trained nothing; a trained pipeline counts its 05 run (unknown for weights_dir)
     stage_c_hours, stage_c_samples = (c.get("core_hours"), samples) if trained else (0.0, 0)
     rows, baseline_rows = [], _baseline_rows(baseline)
@@ -364,19 +387,34 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
                                            **{n: e for n, e in estimates.items()}},
                                           [k for k in ceiling]),
         "quality": _estimates_table(estimates, _quality_keys(estimates, ceiling)),
+        "novel_vs_seen": group_table(checks, probe_features, real_sets[0], groups, p.n_boot, p.seed),
     }
     claims, baseline_info, comparison = measured_claims(None, baseline_note), baseline_note, None
     if baseline is not None:
         seeds = list(baseline_rows)
-        kid = paired_kid_difference(real_sets[0], probe_features[model_name], [probe_features[b] for b in seeds],
-                                    n_boot=max(p.n_boot, 1000), seed=p.seed)
-        comparison = compare_with_baseline(checks, scores, model_name, seeds, p.n_boot, p.seed, kid=kid)
-        tables["baseline_comparison"] = comparison.table()
-        detail = _baseline_detail(baseline, len(prompts))
-        claims = measured_claims(comparison, _claim_detail(detail, p.seed))
-        baseline_info = {**detail, "paired": comparison.numbers()}
-        log(f"Würstchen - baseline, all_correct (points): {comparison.headline()}")
+        # Würstchen's seeds pair with the baseline's in order when 08 trained as many Stage C seeds as there are
+        models = [model_name, *(stage_c_name(s) for s in baseline.stage_c_pipelines)]
+        models = models if len(models) == len(seeds) else [model_name] * len(seeds)
+        comparisons = {}
+        for group, mask in groups.items():  # the claims read the novel group: held-out means never trained on
+            if int(mask.sum()) < 2:  # a paired KID needs two prompts
+                continue
+            kid = paired_kid_difference(real_sets[0], [subset_features(probe_features[m], mask) for m in models],
+                                        [subset_features(probe_features[b], mask) for b in seeds],
+                                        n_boot=max(p.n_boot, 1000), seed=p.seed)
+            comparisons[group] = compare_with_baseline(masked(checks, mask), masked(scores, mask), models, seeds,
+                                                       p.n_boot, p.seed, kid=kid)
+        detail = _baseline_detail(baseline, int(groups[NOVEL].sum()))
+        baseline_info = {**detail, **{f"paired_{'novel' if g == NOVEL else 'seen'}": c.numbers()
+                                      for g, c in comparisons.items()}}
+        tables.update({f"baseline_comparison{'' if g == NOVEL else '_seen'}": c.table()
+                       for g, c in comparisons.items()})
+        comparison = comparisons.get(NOVEL)
+        claims = measured_claims(comparison, _claim_detail(detail, p.seed) if comparison else "< 2 novel prompts")
+        if comparison is not None:
+            log(f"Würstchen - baseline, all_correct on novel compositions (points): {comparison.headline()}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
+            "groups": {g: int(m.sum()) for g, m in groups.items()}, "seen_from": seen_note,
             "judge": judge_name, "probe": dataclasses.asdict(cfg), "inception": bool(inception),
             "headline_quality": "KID_tiny (FID_tiny is only comparable between sets of equal size)",
             # the paper's own figure recomputed: 24,602 A100 hours at `watts` and its 0.37 kg/kWh (250 W: 2,276 kg)
@@ -391,8 +429,9 @@ def _claim_detail(detail: dict[str, Any], seed: int) -> str:
     """The 08 run behind the first claim's measurement, in words."""
     ratio = detail["budget_ratio"]
     spent = f" (baseline FLOPs {ratio:.3g} x the budget)" if isinstance(ratio, (int, float)) else ""
-    return (f"{detail['run']}, budget {detail['budget']}{spent}, seeds {detail['seeds']}, {detail['n_prompts']} "
-            f"prompts, sampling seed {seed}")
+    extra = f", Würstchen's extra Stage C seeds {detail['stage_c_seeds']}" if detail.get("stage_c_seeds") else ""
+    return (f"{detail['run']}, budget {detail['budget']}{spent}, seeds {detail['seeds']}{extra}, {detail['n_prompts']} "
+            f"held-out prompts of novel compositions (never trained on), sampling seed {seed}")
 
 
 def _quality_keys(estimates: dict[str, dict[str, Estimate]], ceiling: dict[str, Estimate]) -> list[str]:

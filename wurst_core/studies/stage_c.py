@@ -67,9 +67,10 @@ class StageCParams(PhaseParams):
                          t_sampler=self.t_sampler)
 
 
-def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResult:
-    """Stage C: text-conditional diffusion at the compressor's resolution (paper §3.2)."""
-    t0 = time.time()
+def build_stage_c(p: StageCParams, seed: int | None = None) -> tuple[StageCTask, Stream, Run]:
+    """Stage C's training task as 05 builds it: the frozen compressor of the latest ``04_stage_b`` run, the text
+    encoder at ``p.text_layer``, latent statistics of the stream (seed ``p.seed``) and a network initialised from
+    ``seed`` (default ``p.seed``); with the stream and the Stage B run it read."""
     diffusion = p.diffusion()  # invalid settings fail before any work
     if p.text_layer not in LAYERS:
         raise ValueError(f"text_layer must be one of {LAYERS}, got {p.text_layer!r}")
@@ -78,29 +79,44 @@ def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResu
     text = TextCache(text_encoder(p.profile, p.text_layer))
     sc_size = compressor.config.image_size  # the compressor's input size, as Stage B trained it
     train = Stream(p.dataset, p.n_train, p.resolution, p.seed, "train", p.data_dir, p.max_pixels)
-    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
     # unit-variance statistics of the frozen compressor's latents ("std" scaling)
     f = _batched(lambda x: compressor(preprocess(x, sc_size)), train.head(512))
     mean, std = f.mean().item(), f.std().item()
-    _seed_all(p.seed)
+    _seed_all(p.seed if seed is None else seed)
     cfg = dataclasses.replace(STAGE_C_SIZES[p.size], c_cond=text.encoder.width, c_in=compressor.config.c_latent)
-    stage_c = StageC(cfg)
-    task = StageCTask(stage_c, compressor, text, diffusion, sc_size=sc_size,
+    task = StageCTask(StageC(cfg), compressor, text, diffusion, sc_size=sc_size,
                       p_drop_text=p.p_drop_text, latent_scaling=p.latent_scaling, latent_mean=mean, latent_std=std)
-    history, train_seconds = _fit_phase(task, p, run, "c", train, progress)
-    save_model(stage_c, checkpoint_dir(run, "stage_c"))
-    pipe = Pipeline.from_networks(stage_c=stage_c, stage_b=load_stage("b", p.profile), stage_a=load_stage("a", p.profile),
-                                  text=text.encoder, compressor=compressor, resolution=p.resolution,
-                                  scaling=task.scaling, shift=p.noise_shift, prior_guidance=p.guidance,
+    return task, train, b_run
+
+
+def stage_c_pipeline(task: StageCTask, p: StageCParams, b_run: Run) -> Pipeline:
+    """The three-stage pipeline around a trained Stage C, with the profile's Stage B and Stage A."""
+    text = task.text
+    return Pipeline.from_networks(stage_c=task.stage_c, stage_b=load_stage("b", p.profile),
+                                  stage_a=load_stage("a", p.profile), text=text.encoder, compressor=task.compressor,
+                                  resolution=p.resolution, scaling=task.scaling, shift=p.noise_shift,
+                                  prior_guidance=p.guidance,
                                   decoder_guidance=sampling_of(b_run.checkpoints / "stage_b").get("guidance", 0.0),
                                   decoder_text=text.encoder.with_layer("last"))  # Stage B trained on the last layer
+
+
+def train_stage_c(p: StageCParams, run: Run, progress: bool = True) -> PhaseResult:
+    """Stage C: text-conditional diffusion at the compressor's resolution (paper §3.2)."""
+    t0 = time.time()
+    task, train, b_run = build_stage_c(p)
+    val = load_images(p.dataset, p.n_val, p.resolution, p.seed, "val", p.data_dir, progress, p.max_pixels)
+    stage_c, text = task.stage_c, task.text
+    history, train_seconds = _fit_phase(task, p, run, "c", train, progress)
+    save_model(stage_c, checkpoint_dir(run, "stage_c"))
+    pipe = stage_c_pipeline(task, p, b_run)
     pipe.save(checkpoint_dir(run, "pipeline"), text_encoder_dir=text_encoder_dir(p.profile))
     prompts = val["caption"][:p.n_prompts]
     images = pipe(prompts, height=p.resolution, width=p.resolution, prior_steps=p.sample_steps,
                   decoder_steps=12 if p.profile != "smoke" else 2,
                   generator=torch.Generator().manual_seed(p.seed), progress=progress)
     metrics = {"final_loss": float(history["loss"].iloc[-5:].mean()), "train_seconds": train_seconds,
-               "wall_seconds": time.time() - t0, "steps": p.steps, "latent_mean": mean, "latent_std": std,
+               "wall_seconds": time.time() - t0, "steps": p.steps, "latent_mean": task.scaling.mean,
+               "latent_std": task.scaling.std,
                "parameters_stage_c": sum(q.numel() for q in stage_c.parameters())}
     figs = {}
     if p.dataset == "procedural":  # which caption words the prior reads (evaluation/sensitivity.py)

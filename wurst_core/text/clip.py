@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import paths
 from ..data import ProceduralDataset, cycle, make_loader
-from ..data.procedural import COUNTERFACTUALS, caption, counterfactual, render, signature
+from ..data.procedural import (COUNTERFACTUALS, caption, counterfactual, render, signature,
+                              training_counterfactual)
 from ..data.transforms import clip_normalize
 from ..io import save_model_checkpoint, write_json
 from .encoder import CONTEXT_LENGTH, Layer, TextEncoder, tokenize
@@ -167,7 +168,7 @@ def add_twins(batch: dict[str, Any], attributes: Sequence[dict[str, Any]], n: in
     """``batch`` plus counterfactual twins of its first ``n`` items (``attributes`` are the batch's scenes), each
     with a random kind of change from ``kinds``, rendered at the batch's size: in-batch hard negatives for the
     contrastive loss."""
-    twins = [counterfactual(a, rng.choice(list(kinds)), rng) for a in attributes[:n]]
+    twins = [training_counterfactual(a, kinds, rng) for a in attributes[:n]]  # never a test composition
     images = torch.stack([render(t, tuple(batch["image"].shape[-2:])) for t in twins])
     return {"image": torch.cat([batch["image"], images.to(batch["image"])]),
             "caption": list(batch["caption"]) + [caption(t, rng) for t in twins]}
