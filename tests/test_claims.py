@@ -324,3 +324,48 @@ def test_paired_kid_difference_is_zero_for_the_same_images_and_positive_for_wors
     assert claims[2].measured is per_seed[0] and E.verdict(claims[2]) == E.SUPPORTED
     with pytest.raises(ValueError, match="one image per prompt"):
         paired_kid_difference(real, close, [FeatureSet(torch.randn(10, 8), torch.zeros(10, 2), "_tiny")])
+
+
+def test_wurstchen_seeds_pair_with_the_baseline_seeds_in_order():
+    from wurst_core.evaluation.image_metrics import FeatureSet, paired_kid_difference
+
+    good, bad = _checks([1.0] * 8, [1.0] * 8), _checks([0.0] * 8, [0.0] * 8)
+    checks = {"W0": good, "W1": bad, "b0": bad, "b1": bad}
+    scores = {k: torch.zeros(8) for k in checks}
+    cmp = compare_with_baseline(checks, scores, ["W0", "W1"], ["b0", "b1"], n_boot=50)
+    assert list(cmp.per_seed) == ["W0 / b0", "W1 / b1"]
+    assert cmp.per_seed["W0 / b0"]["all_correct_diff"].value == 100 and cmp.per_seed["W1 / b1"]["all_correct_diff"].value == 0
+    pooled = cmp.pooled["all_correct_diff"]
+    assert pooled.value == pytest.approx(50) and pooled.low < 50 < pooled.high  # the Würstchen seed spread shows
+    with pytest.raises(ValueError, match="one model per baseline seed"):
+        compare_with_baseline(checks, scores, ["W0"] * 3, ["b0", "b1"])
+    g = torch.Generator().manual_seed(1)
+    real = FeatureSet(torch.randn(32, 4, generator=g), torch.zeros(32, 2), "_tiny")
+    near = FeatureSet(torch.randn(32, 4, generator=g), torch.zeros(32, 2), "_tiny")
+    far = FeatureSet(torch.randn(32, 4, generator=g) * 3 + 2, torch.zeros(32, 2), "_tiny")
+    per_pair, pooled_kid = paired_kid_difference(real, [near, far], [far, far], n_boot=100)
+    assert per_pair[0].low > 0 and per_pair[1].value == pytest.approx(0.0)  # the second pair: the same far images
+
+
+def test_inference_speed_ratio_and_claims_read_from_other_runs(tmp_path):
+    from wurst_core.runs import Run
+    from wurst_core.studies.claims import INFERENCE, claim_from_run, speed_ratio
+
+    ratio = speed_ratio([1.0, 1.1, 0.9, 1.0], [2.0, 2.2, 1.8, 2.1])
+    assert ratio.value == pytest.approx(8.1 / 4.0) and ratio.low > 1  # the baseline takes twice as long
+    claims = measured_claims(None, "none", ratio, "4 batches")
+    inference = next(c for c in claims if c.name == INFERENCE.name)
+    assert E.verdict(inference) == E.SUPPORTED and "4 batches" in inference.measure
+    assert E.verdict(dataclasses.replace(inference, measured=speed_ratio([2.0] * 3, [1.0] * 3))) == E.REFUTED
+    with pytest.raises(ValueError, match="positive"):
+        speed_ratio([0.0], [1.0])
+
+    rule = E.Claim("p2 loss weighting helps", paper="§3.2", direction="higher", measure="Δ all-correct")
+    assert E.verdict(claim_from_run(rule, "09_objective", None)) == E.NOT_MEASURED
+    run = Run("09_objective", "smoke", "r1", tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"claims": [
+        {"claim": rule.name, "measured": {"value": 3.0, "ci": [1.0, 5.0]}, "measurement": "Δ all-correct, 64"}]}))
+    read = claim_from_run(rule, "09_objective", run)
+    assert read.measured.value == 3.0 and E.verdict(read) == E.SUPPORTED and "09_objective/r1" in read.measure
+    later = measured_claims(None, "none", others=[read])
+    assert next(c for c in later if c.name == rule.name) is read

@@ -9,6 +9,7 @@ of other prompts (the chance floor of prompt adherence, at real-image quality) a
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -19,14 +20,17 @@ from torch import Tensor
 Generator = Callable[[list[str]], Tensor]
 
 
-def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16, size: int | None = None) -> Tensor:
-    """Images for ``prompts`` in batches, checked, clamped to [0,1] and (optionally) resized to ``size``."""
+def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16, size: int | None = None,
+             seconds: list[float] | None = None) -> Tensor:
+    """Images for ``prompts`` in batches, checked, clamped to [0,1] and (optionally) resized to ``size``; each
+    batch's wall seconds appended to ``seconds`` when given."""
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts to generate from")
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
+        start = time.perf_counter()
         # a positional generator (stored images) is told where each prompt sits, so equal prompts never collide
         images = (generator(chunk, positions=list(range(i, i + len(chunk))))
                   if getattr(generator, "positional", False) else generator(chunk))
@@ -36,6 +40,8 @@ def generate(generator: Generator, prompts: Sequence[str], batch_size: int = 16,
         if not torch.isfinite(images).all():
             raise ValueError("generator returned non-finite pixel values")
         images = images.detach().float().cpu()
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
         if size is not None and images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out.append(images.clamp(0, 1))

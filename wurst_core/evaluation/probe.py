@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import procedural
+from ..data.emoji import EmojiDataset, emoji_name
 from ..data.procedural import HPOS, VPOS
 from .stats import Estimate, mean_ci
 
@@ -375,3 +376,12 @@ def chance_truths(truths: Sequence[Mapping[str, Any]], seed: int = 0) -> list[Ma
     for i in range(n):
         out[perm[i]] = truths[perm[(i + 1) % n]]
     return out
+
+
+def probe_spec(dataset: str) -> ProbeSpec:
+    """The attribute heads of a generated dataset's probe: shapes and colours, or the emoji of the font."""
+    if dataset == "procedural":
+        return ProbeSpec.procedural()
+    if dataset == "emoji":
+        return ProbeSpec.emoji([emoji_name(c) for c in EmojiDataset(size=1).emoji])
+    raise ValueError(f"compositional accuracy needs ground truth: dataset must be procedural or emoji, got {dataset!r}")

@@ -23,7 +23,8 @@ from torch import Tensor
 from ..evaluation.claims import Claim, verdict
 from ..evaluation.oracle import oracle_outcomes, pairwise_agreement
 from ..evaluation.preference import pairwise_outcomes
-from ..evaluation.stats import Estimate, mean_ci, paired_difference, pooled_over_seeds, pooled_paired_difference
+from ..evaluation.stats import (Estimate, bootstrap, mean_ci, paired_difference, pooled_over_seeds,
+                                pooled_paired_difference)
 
 MIN_BOOT = 1000  # paired intervals take at least this many resamples (issue 20), whatever the profile's n_boot
 
@@ -75,13 +76,44 @@ LATER: tuple[Claim, ...] = (
                 "training samples",
           direction=None,
           measure="training FLOPs the baseline needs to reach Würstchen's compositional accuracy (baselines at "
-                  "several budgets), over Stage C's and over Stage B + C's"),
+                  "several budgets), over Stage C's and over Stage B + C's; not run by `make reproduce`: on tiny, "
+                  "Stage B's step costs ~15x Stage C's, so a baseline at Stage B + C's budget alone would take "
+                  "several CPU core-hours (`wurst run 08_baseline -p budget stage_bc` measures it)"),
     Claim("Inference is faster than the baseline",
           paper="Abstract, Figure 4: inference over twice as fast (A100, 1024 x 1024, against SD 2.1 and SD XL)",
-          direction=None,
-          measure="seconds per image against batch size, Würstchen and the baseline at the same output size in the "
-                  "same run (benchmarks/bench_inference.py, Figure 4)"),
+          direction="higher", reference=1.0, margin=0.0,
+          measure="seconds per image of the baseline LDM over Würstchen's, each with its own sampling settings "
+                  "(Würstchen: prior and decoder steps of 07; the baseline: 08's DDPM steps), on the same held-out "
+                  "prompts in the same batches of the same run (CPU, one thread), paired by batch"),
 )
+INFERENCE = LATER[-1]
+
+
+def speed_ratio(model_seconds: Sequence[float], baseline_seconds: Sequence[float], n_boot: int = MIN_BOOT,
+                seed: int = 0) -> Estimate:
+    """Baseline seconds over Würstchen seconds for the same batches (> 1: Würstchen faster), bootstrapped over the
+    batches (the same batches for both: paired)."""
+    m = torch.as_tensor(model_seconds, dtype=torch.float64)
+    b = torch.as_tensor(baseline_seconds, dtype=torch.float64)
+    if m.shape != b.shape or m.numel() == 0 or not bool((m > 0).all()):
+        raise ValueError(f"need positive per-batch seconds for the same batches, got {m.shape} and {b.shape}")
+    return bootstrap(lambda i: float(b[i].sum() / m[i].sum()), m.numel(), n_boot=max(n_boot, MIN_BOOT), seed=seed)
+
+
+def claim_from_run(claim: Claim, notebook: str, run: Any) -> Claim:
+    """``claim`` with the measurement that the finished ``run`` of ``notebook`` recorded for it (its metrics'
+    ``claims`` list, by name), the rule staying the one stated here; "not measured yet" saying why without one."""
+    if run is None:
+        return dataclasses.replace(claim, measured=None, measure=f"{claim.measure}; not measured: no {notebook} run")
+    records = {r.get("claim"): r for r in run.metrics().get("claims", [])}
+    record = records.get(claim.name)
+    if record is None or record.get("measured") is None:
+        return dataclasses.replace(claim, measured=None,
+                                   measure=f"{claim.measure}; not measured: {notebook}/{run.run_id} recorded none")
+    low, high = record["measured"]["ci"]
+    est = Estimate(float(record["measured"]["value"]), float(low), float(high), level=claim.level)
+    return dataclasses.replace(claim, measured=est, measure=f"{record.get('measurement') or claim.measure}; "
+                                                            f"{notebook}/{run.run_id}")
 
 
 def stated_claims() -> list[Claim]:
@@ -165,9 +197,12 @@ def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Ma
     return BaselineComparison(per_seed, pooled)
 
 
-def measured_claims(comparison: BaselineComparison | None, detail: str) -> list[Claim]:
+def measured_claims(comparison: BaselineComparison | None, detail: str, speed: Estimate | None = None,
+                    speed_detail: str = "", others: Sequence[Claim] = ()) -> list[Claim]:
     """The claims with 07's measurements filled in from ``comparison`` (``detail``: the 08 run, its budget and
-    seeds), or "not measured yet" with ``detail`` saying why; the later claims as stated."""
+    seeds), or "not measured yet" with ``detail`` saying why; the inference claim from ``speed`` (a
+    :func:`speed_ratio`); ``others``: claims measured by other notebooks (:func:`claim_from_run`), replacing the
+    later claims of the same name; the rest as stated."""
     out = []
     for claim in MEASURED:
         key = HEADLINES[claim.name]
@@ -177,7 +212,11 @@ def measured_claims(comparison: BaselineComparison | None, detail: str) -> list[
         single = "" if comparison.pooled is not None else " (one seed: no seed spread in the interval)"
         out.append(dataclasses.replace(claim, measured=comparison.headline(key),
                                        measure=f"{claim.measure}; {detail}{single}"))
-    return [*out, *LATER]
+    later = {c.name: c for c in LATER}
+    later[INFERENCE.name] = (dataclasses.replace(INFERENCE, measured=speed, measure=f"{INFERENCE.measure}; "
+                                                 f"{speed_detail}") if speed is not None else INFERENCE)
+    later.update({c.name: c for c in others})
+    return [*out, *later.values()]
 
 
 def claims_records(claims: Sequence[Claim]) -> list[dict[str, Any]]:

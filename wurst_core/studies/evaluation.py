@@ -34,7 +34,6 @@ import pandas as pd
 from torch import Tensor
 
 from .. import params, paths
-from ..data.emoji import EmojiDataset, emoji_name
 from ..data.stream import load_images
 from ..evaluation import compute
 from ..evaluation import generators as gens
@@ -42,7 +41,7 @@ from ..evaluation.claims import Claim, claims_table
 from ..evaluation.image_metrics import (InceptionExtractor, ProbeExtractor, extract, image_quality,
                                         paired_kid_difference)
 from ..evaluation.preference import ClipJudge, clip_score, load_pickscore, pick_scores
-from ..evaluation.probe import PROBE_SIZES, ProbeSpec, ProbeTraining, compositional_accuracy, train_probe
+from ..evaluation.probe import PROBE_SIZES, ProbeTraining, compositional_accuracy, probe_spec, train_probe
 from ..evaluation.stats import Estimate
 from ..evaluation.tables import PAPER_TABLE2, Table2Row, carbon_kg, table1, table2
 from ..models import count_parameters
@@ -50,7 +49,11 @@ from ..params import param
 from ..runs import Run, latest_run
 from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
 from .baseline import TrainedBaseline, load_trained_baseline
-from .claims import BaselineComparison, claims_records, compare_with_baseline, measured_claims
+from .claims import (BaselineComparison, claim_from_run, claims_records, compare_with_baseline, measured_claims,
+                     speed_ratio)
+from .claims import stated_claims as _stated_here
+from .compression import SEMANTICS
+from .objective import P2_WEIGHTING, STABILITY
 from .figures import image_grid
 from .heldout import NOVEL, composition_groups, group_table, masked, seen_compositions, subset_features
 from .sampling import SamplingParams, load_sampling_pipeline
@@ -143,14 +146,6 @@ def _log(progress: bool, run: Run | None) -> Callable[[str], None]:
             run.logger.info(msg)
 
     return log
-
-
-def probe_spec(dataset: str) -> ProbeSpec:
-    if dataset == "procedural":
-        return ProbeSpec.procedural()
-    if dataset == "emoji":
-        return ProbeSpec.emoji([emoji_name(c) for c in EmojiDataset(size=1).emoji])
-    raise ValueError(f"compositional accuracy needs ground truth: dataset must be procedural or emoji, got {dataset!r}")
 
 
 def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudge, str]:
@@ -336,10 +331,11 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
         NOISE: gens.noise_generator(res, p.seed),
     }
-    images = {}
+    images, batch_seconds = {}, {}
     for name, g in generators.items():
         t = time.time()
-        images[name] = gens.generate(g, prompts, batch_size=16, size=res)
+        batch_seconds[name] = []  # per batch: Würstchen's and the baseline's inference cost on the same batches
+        images[name] = gens.generate(g, prompts, batch_size=16, size=res, seconds=batch_seconds[name])
         log(f"generated {len(prompts)} images with {name!r} in {time.time() - t:.1f} s")
 
     judge, judge_name = judge_for(p, log)
@@ -389,7 +385,8 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         "quality": _estimates_table(estimates, _quality_keys(estimates, ceiling)),
         "novel_vs_seen": group_table(checks, probe_features, real_sets[0], groups, p.n_boot, p.seed),
     }
-    claims, baseline_info, comparison = measured_claims(None, baseline_note), baseline_note, None
+    claims = measured_claims(None, baseline_note, others=ablation_claims(p.profile))
+    baseline_info, comparison = baseline_note, None
     if baseline is not None:
         seeds = list(baseline_rows)
         # Würstchen's seeds pair with the baseline's in order when 08 trained as many Stage C seeds as there are
@@ -410,7 +407,13 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         tables.update({f"baseline_comparison{'' if g == NOVEL else '_seen'}": c.table()
                        for g, c in comparisons.items()})
         comparison = comparisons.get(NOVEL)
-        claims = measured_claims(comparison, _claim_detail(detail, p.seed) if comparison else "< 2 novel prompts")
+        speed = speed_ratio(_mean_seconds(batch_seconds, models), _mean_seconds(batch_seconds, seeds), p.n_boot,
+                            p.seed)
+        speed_detail = (f"{len(prompts)} prompts in batches of 16 at {res} px, Würstchen {p.prior_steps}+"
+                        f"{p.decoder_steps} steps, the baseline {baseline.sample_steps} steps")
+        baseline_info["seconds_per_image"] = {n: sum(batch_seconds[n]) / len(prompts) for n in [*models, *seeds]}
+        claims = measured_claims(comparison, _claim_detail(detail, p.seed) if comparison else "< 2 novel prompts",
+                                 speed, speed_detail, ablation_claims(p.profile))
         if comparison is not None:
             log(f"Würstchen - baseline, all_correct on novel compositions (points): {comparison.headline()}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
@@ -423,6 +426,27 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         info["sampling_noise"] = "per prompt: prompt i of every sampled system drawn from the seed (seed, i)"
     return EvaluationResult(prompts, images, estimates, ceiling, tables, info, costs, claims, baseline_info,
                             comparison)
+
+
+ABLATIONS = ((SEMANTICS, "10_compression"), (STABILITY, "09_objective"), (P2_WEIGHTING, "09_objective"))
+
+
+def stated_claims() -> list[Claim]:
+    """Every claim with its rule as stated before any measurement: 07's own and the ablation notebooks'."""
+    ablations = {c.name: c for c, _ in ABLATIONS}
+    return [ablations.get(c.name, c) for c in _stated_here()]
+
+
+def ablation_claims(profile: str) -> list[Claim]:
+    """The claims that the ablation notebooks measure, from their latest runs, each judged by the rule its study
+    module states."""
+    return [claim_from_run(claim, notebook, latest_run(notebook, profile)) for claim, notebook in ABLATIONS]
+
+
+def _mean_seconds(batch_seconds: dict[str, list[float]], names: list[str]) -> list[float]:
+    """Per batch, the mean seconds over ``names`` (the seeds of one system: the same network, other weights)."""
+    names = list(dict.fromkeys(names))
+    return [sum(batch_seconds[n][i] for n in names) / len(names) for i in range(len(batch_seconds[names[0]]))]
 
 
 def _claim_detail(detail: dict[str, Any], seed: int) -> str:

@@ -65,16 +65,41 @@ def random_crops(x: torch.Tensor, size: int, gens: Sequence[torch.Generator], mu
                         for img, (oy, ox) in zip(x, offsets.tolist())])
 
 
+def loss_by_noise_level(diffusion: Diffusion, per_sample: torch.Tensor, t: torch.Tensor,
+                        bins: int) -> dict[str, float]:
+    """Per-row losses summed by noise level, for the training log: ``t`` cut into ``bins`` equal bins of [0, 1];
+    per bin ``k`` the rows ``tbin<k>_n``, the summed weighted loss ``tbin<k>_loss`` and the summed eps-equivalent
+    MSE ``tbin<k>_eps`` (the loss without its weight, as an error in the noise: the same units for every target
+    and weight). Sums, not means: averaging the log over micro-batches and processes keeps their ratios exact."""
+    with torch.no_grad():
+        ab = diffusion.schedule.alpha_bar(t).to(per_sample)
+        # one estimate under three targets: v-MSE = eps-MSE / ab, x0-MSE = eps-MSE (1 - ab) / ab
+        to_eps = {"eps": torch.ones_like(ab), "v": ab, "x0": ab / (1 - ab)}[diffusion.target]
+        eps_mse = per_sample / diffusion.loss_weight(t).to(per_sample) * to_eps
+        k = (t.to(per_sample.device) * bins).long().clamp(0, bins - 1)
+        logs = {}
+        for b in range(bins):
+            rows = k == b
+            logs.update({f"tbin{b}_n": float(rows.sum()), f"tbin{b}_loss": float(per_sample[rows].sum()),
+                         f"tbin{b}_eps": float(eps_mse[rows].sum())})
+    return logs
+
+
 def _text_diffusion_loss(diffusion: Diffusion, net: nn.Module, text: nn.Module, x0: torch.Tensor,
                          captions: Sequence[str], gens: Sequence[torch.Generator],
-                         p_drop_text: float) -> tuple[torch.Tensor, dict[str, float]]:
+                         p_drop_text: float, t_bins: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
     """The text-conditional diffusion loss of Stage C and the baseline: per row, caption dropout, then t, then
-    noise from the row's own generator, so that the draws are a function of (seed, step, row)."""
+    noise from the row's own generator, so that the draws are a function of (seed, step, row). ``t_bins`` > 0 adds
+    :func:`loss_by_noise_level` to the log."""
     tokens = text(drop_captions(captions, gens, p_drop_text)).to(x0)
     t = _draw(gens, lambda g: diffusion.sample_t(1, g)[0]).to(x0.device)
     noise = _draw(gens, lambda g: torch.randn(x0.shape[1:], generator=g)).to(x0)
-    loss = diffusion.loss(net, x0, tokens, t=t, noise=noise).mean()
-    return loss, {"loss": loss.item()}
+    per_sample = diffusion.loss(net, x0, tokens, t=t, noise=noise)
+    loss = per_sample.mean()
+    logs = {"loss": loss.item()}
+    if t_bins:
+        logs.update(loss_by_noise_level(diffusion, per_sample.detach(), t, t_bins))
+    return loss, logs
 
 
 class StageATask(nn.Module):
@@ -186,12 +211,14 @@ class StageBTask(nn.Module):
 class StageCTask(nn.Module):
     """Stage C: text-conditional diffusion on the frozen compressor's latents (paper §3.2), A/B head inside the
     model, p2 weighting and 5 % caption dropout. ``latent_scaling``: "v2" = (f+1)/42 as the released v2 encoder,
-    "std" = (f - mean)/std with statistics of the training data (unit variance), "none" = f."""
+    "std" = (f - mean)/std with statistics of the training data (unit variance), "none" = f. ``t_bins`` > 0 logs the
+    loss by noise level (:func:`loss_by_noise_level`; the objective ablation, notebook 09)."""
 
     def __init__(self, stage_c: nn.Module, compressor: SemanticCompressor, text: TextCache,
                  diffusion: Diffusion = Diffusion(), sc_size: int | None = None, p_drop_text: float = 0.05,
-                 latent_scaling: str = "v2", latent_mean: float = 0.0, latent_std: float = 1.0):
+                 latent_scaling: str = "v2", latent_mean: float = 0.0, latent_std: float = 1.0, t_bins: int = 0):
         super().__init__()
+        self.t_bins = t_bins
         self.stage_c, self.compressor, self.text = stage_c, freeze(compressor), text
         self.diffusion = diffusion
         self.sc_size = sc_size or compressor.config.image_size
@@ -217,7 +244,7 @@ class StageCTask(nn.Module):
 
     def forward(self, batch: dict[str, Any], gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
         return _text_diffusion_loss(self.diffusion, self.stage_c, self.text, self.encode(batch["image"]),
-                                    batch["caption"], gens, self.p_drop_text)
+                                    batch["caption"], gens, self.p_drop_text, self.t_bins)
 
 
 class BaselineTask(nn.Module):

@@ -1,8 +1,9 @@
 """The workbench's notebooks in run order: each one's title and the parameter schema its resolving cell builds.
 
 Training runs in reverse order of sampling (paper Fig. 3): Stage A, then B with the compressor, then C. The run order
-is this registry's order, not the files' numbers: ``08_baseline`` runs before ``07_evaluation`` (00-06, 08, 07),
-because 07 evaluates the baseline that 08 trains (the claims table's first row).
+is this registry's order, not the files' numbers: ``08_baseline`` and the two ablations (09, 10) run before
+``07_evaluation`` (00-06, 08, 09, 10, 07, then 11-14), because 07 evaluates the baseline that 08 trains and reads the
+ablations' claims into the claims table.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 from .. import paths
 from ..studies.architecture import ArchitectureParams
 from ..studies.baseline import BaselineParams
+from ..studies.compression import CompressionParams
 from ..studies.data import DataParams
 from ..studies.evaluation import EvaluationParams
+from ..studies.objective import ObjectiveParams
 from ..studies.sampling import SamplingParams
 from ..studies.stage_a import StageAParams
 from ..studies.stage_b import StageBParams
@@ -36,6 +39,8 @@ NOTEBOOKS: dict[str, Entry] = {
     "05_stage_c": Entry("Stage C: text-conditional prior (42:1 released; 16:1 on tiny)", StageCParams),
     "06_sampling": Entry("Sampling: the three-stage pipeline", SamplingParams),
     "08_baseline": Entry("Baseline: a U-Net LDM at Stage C's training FLOPs", BaselineParams),  # before 07: 07 reads it
+    "09_objective": Entry("Ablation: the training objective (A/B, eps, v; p2 or constant weighting)", ObjectiveParams),
+    "10_compression": Entry("Ablation: the compression ratio of Stage C's latent", CompressionParams),
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
 }
