@@ -11,11 +11,13 @@ THREADS ?= 1
 # torch/torchvision are pinned so that every run is reproducible (the 2.13 CPU wheel + PyPI torchvision fails to import).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+# Debian's Chromium: the rating page's browser test (Playwright drives it; no browser is downloaded)
+CHROMIUM := /usr/bin/chromium
 # JupyterLab refuses to start as root without --allow-root, and these machines run as root.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 NBVAL := -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
-.PHONY: help install fonts test test-unit test-notebooks test-slow reproduce reports lab clean-runs
+.PHONY: help install fonts chromium test test-unit test-notebooks test-slow reproduce reports lab clean-runs
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,13 +29,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
 	touch $(STAMP)
 
-install: $(STAMP) fonts ## create .venv with the pinned torch and the package with its dev extras
+install: $(STAMP) fonts chromium ## create .venv with the pinned torch and the package with its dev extras
 
 fonts: ## install Noto Color Emoji (Debian fonts-noto-color-emoji) for the emoji dataset, where possible
 	@if [ -f "$(EMOJI_FONT)" ]; then true; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-color-emoji) >/dev/null; \
 	else echo "note: $(EMOJI_FONT) missing; install the Debian package fonts-noto-color-emoji for the emoji dataset"; fi
+
+chromium: ## install Debian's chromium for the rating page's browser test, where possible
+	@if [ -x "$(CHROMIUM)" ]; then true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; \
+	else echo "note: $(CHROMIUM) missing; install the Debian package chromium for the browser test (it skips)"; fi
 
 test: install ## the whole suite: unit tests, then nbval over every notebook on the smoke profile
 	$(PY) -m pytest -m "not slow" tests

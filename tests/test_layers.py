@@ -19,6 +19,7 @@ FLOORS = {
     "folders": 4,                                  # where networks and text encoders sit in a pipeline folder
     "pipeline": 5,                                 # inference: loads through weights, checks through sizes
     "generate": 6,                                 # the checked command-line text-to-image
+    "human": 6,                                    # the human preference study: store, rater page, analysis
     "studies": 7,                                  # one per notebook
     "workbench": 8,                                # notebook contract, registry, reproduce, report, CLI
     "__init__": 9, "__main__": 9,

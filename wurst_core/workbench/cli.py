@@ -15,6 +15,13 @@ from typing import Any, Sequence
 
 from ..data import save_preview
 from ..generate import generate
+from ..human.analysis import AnalysisSpec, analyse, load
+from ..human.figures import write_report
+from ..human.server import serve
+from ..human.simulate import RaterModel, parse_strengths, simulate_http, simulate_service
+from ..human.store import Store
+from ..params import build
+from ..studies.preference_study import PreferenceParams, create_study, recovered_gap
 from .registry import notebooks, schema
 from .report import build_report
 from .reproduce import notebook_parameters, reproduce, run_notebook
@@ -69,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--decoder-steps", type=int, default=12)
     g.add_argument("--decoder-guidance", type=float, default=None, help="Stage B guidance (default: the pipeline's own)")
     g.add_argument("--dtype", default=None, help="the networks' precision: float32 (default) or bfloat16")
+
+    _study_parser(sub)
 
     try:
         args = p.parse_args(argv)
@@ -129,11 +138,93 @@ def _run(args: argparse.Namespace) -> int:
         print(build_report(args.profile))
     elif args.cmd == "data":
         print(save_preview(args.kind, args.out, n=args.n, resolution=args.resolution, seed=args.seed, root=args.root))
+    elif args.cmd == "study":
+        return _study(args)
     elif args.cmd == "generate":
         kw = {k: v for k, v in dict(height=args.height, width=args.width).items() if v is not None}
         print(generate(" ".join(args.prompt), args.weights, seed=args.seed, out=args.out, dtype=args.dtype,
                        prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
                        decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, **kw))
+    return 0
+
+
+def _study_parser(sub: Any) -> None:
+    s = sub.add_parser("study", help="the human preference study (paper Figure 5): create, serve, simulate, analyse")
+    ssub = s.add_subparsers(dest="study_cmd", required=True)
+    c = ssub.add_parser("create", help="render every system's images once and write the study's design")
+    c.add_argument("--db", required=True, help="the new study database (SQLite); images go beside it")
+    c.add_argument("--profile", default="tiny", choices=["smoke", "tiny", "paper"])
+    c.add_argument("--systems", default="", help="comma-separated: truth, wuerstchen, baseline, counterfactual, "
+                   "shuffled, folder:PATH, pipeline:PATH (default: the profile's)")
+    c.add_argument("--prompt-sets", default="novel,seen")
+    for name, kind, default in (("n-prompts", int, 0), ("pairs-per-prompt", int, 0), ("attention-share", float, 0.1),
+                                ("repeat-share", float, 0.1), ("resolution", int, 64), ("prior-steps", int, 0),
+                                ("decoder-steps", int, 0), ("judge-steps", int, 0), ("seed", int, 0)):
+        c.add_argument(f"--{name}", type=kind, default=default, help="0: the profile's" if default == 0 else None)
+    v = ssub.add_parser("serve", help="the rating page (loopback address unless told otherwise)")
+    v.add_argument("--db", required=True)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8765)
+    m = ssub.add_parser("simulate", help="simulated raters with known preferences (marked simulated)")
+    m.add_argument("--db", required=True)
+    m.add_argument("--raters", type=int, required=True)
+    m.add_argument("--votes", type=int, required=True, help="comparisons per rater (the mean, with --spread)")
+    m.add_argument("--url", default=None, help="vote over HTTP through a running `wurst study serve`, concurrently")
+    m.add_argument("--spread", type=float, default=0.0, help="log-SD of comparisons per rater (0: all make --votes)")
+    m.add_argument("--strengths", default="", help="name:value,... (default: 0.5 apart in the study's system order)")
+    for name, default in (("position-bias", 0.3), ("tie", 0.3), ("heterogeneity", 0.2), ("careless", 0.05),
+                          ("lapse", 0.03)):
+        m.add_argument(f"--{name}", type=float, default=default)
+    m.add_argument("--seed", type=int, default=0)
+    a = ssub.add_parser("analyse", help="Figure 5, Bradley-Terry, data quality and judge agreement into --out")
+    a.add_argument("--db", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--reference", default="", help="Figure 5's system (default: the study's first)")
+    a.add_argument("--n-boot", type=int, default=1000)
+    a.add_argument("--max-attention-fail", type=float, default=0.34)
+    a.add_argument("--seed", type=int, default=0)
+
+
+def _study(args: argparse.Namespace) -> int:
+    if args.study_cmd == "create":
+        values = {k: getattr(args, k) for k in ("profile", "systems", "prompt_sets", "n_prompts", "pairs_per_prompt",
+                                                 "attention_share", "repeat_share", "resolution", "prior_steps",
+                                                 "decoder_steps", "judge_steps", "seed")}
+        store = create_study(build(PreferenceParams, values), args.db, log=lambda m: print(f"note: {m}"))
+        n, meta = store.counts(), store.meta()
+        print(f"study {store.path}: systems {meta['systems']}, {n['prompts']} prompts, {n['items']} items; "
+              f"images in {store.images_dir}")
+    elif args.study_cmd == "serve":
+        serve(args.db, args.host, args.port)
+    elif args.study_cmd == "simulate":
+        store = Store(args.db)
+        systems = store.meta().get("systems", [])
+        model = RaterModel(parse_strengths(args.strengths, systems), position_bias=args.position_bias, tie=args.tie,
+                           heterogeneity=args.heterogeneity, careless=args.careless, lapse=args.lapse)
+        if args.raters < 1 or args.votes < 1:
+            raise ValueError(f"--raters and --votes must be >= 1, got {args.raters} and {args.votes}")
+        if args.url:
+            out = simulate_http(args.url, store, model, args.raters, args.votes, args.spread, args.seed)
+            if out["errors"] and not out["acknowledged"]:
+                raise ConnectionError(f"no vote reached {args.url}: {out['errors'][0]}")
+            stopped = f"; {len(out['errors'])} raters stopped on errors" if out["errors"] else ""
+            print(f"{len(out['acknowledged'])} simulated judgments acknowledged over HTTP by {args.raters} "
+                  f"raters{stopped}")
+        else:
+            out = simulate_service(store, model, args.raters, args.votes, args.spread, args.seed)
+            print(f"{out['judgments']} simulated judgments by {args.raters} raters stored in {store.path}")
+        print("population Bradley-Terry strengths the analysis should recover:",
+              {k: round(v, 3) for k, v in out["population_strengths"].items()})
+    elif args.study_cmd == "analyse":
+        store = Store(args.db)
+        result = analyse(load(store), AnalysisSpec(args.reference, args.n_boot, args.max_attention_fail,
+                                                   seed=args.seed))
+        written = write_report(result, args.out)
+        store.export_csv(f"{args.out}/csv")
+        print(f"{result.label} data: {result.info['judgments']} judgments of {result.info['raters']} raters "
+              f"({result.info['raters_kept']} kept after the attention checks)")
+        print("Bradley-Terry gap:", recovered_gap(result))
+        print(f"figures and tables in {args.out}: {sorted(p.name for p in written.values())}")
     return 0
 
 

@@ -17,6 +17,7 @@ from ..studies.compression import CompressionParams
 from ..studies.data import DataParams
 from ..studies.evaluation import EvaluationParams
 from ..studies.objective import ObjectiveParams
+from ..studies.preference_study import PreferenceParams
 from ..studies.sampling import SamplingParams
 from ..studies.stage_a import StageAParams
 from ..studies.stage_b import StageBParams
@@ -43,6 +44,7 @@ NOTEBOOKS: dict[str, Entry] = {
     "10_compression": Entry("Ablation: the compression ratio of Stage C's latent", CompressionParams),
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
+    "11_preference": Entry("Human preference study (Figure 5), simulated by default", PreferenceParams),
 }
 
 
