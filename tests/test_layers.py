@@ -17,6 +17,7 @@ FLOORS = {
                                                    # checkpoint key layouts and architecture inference
     "training": 4, "weights": 4, "sizes": 4, "evaluation": 4,  # the loop and tasks, formats, run sizes, metrics
     "folders": 4,                                  # where networks and text encoders sit in a pipeline folder
+    "adapters": 4,                                 # what plugs into sampling: live previews of Stage C
     "pipeline": 5,                                 # inference: loads through weights, checks through sizes
     "generate": 6,                                 # the checked command-line text-to-image
     "human": 6,                                    # the human preference study: store, rater page, analysis

@@ -27,13 +27,16 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .adapters import PreviewCallback, preview_hooks
 from .diffusion import CosineSchedule, diffuse
 from .diffusion.samplers import RNG, make_timesteps, randn, sample
 from .folders import SUBFOLDERS, load_text_encoders, locate_networks
 from .io import atomic_write, write_json
+from .models.previewer import load_previewer, save_previewer
 from .models.semantic import LATENT_SCALINGS, LatentScaling, preprocess
 from .sizes import (LATENT_DIM_SCALE, RESOLUTION_MULTIPLE, check_memory, check_sampling_args, estimate_memory,
                     plan_sizes, stage_b_size, stage_c_size)
+from .training import lora
 from .weights import FLOAT16_REFUSED, CheckpointError, check_dtype, load_model, save_model
 
 STAGE_C_SCALINGS = LATENT_SCALINGS
@@ -79,6 +82,8 @@ class Pipeline:
     (``config.image_size``).
     ``autocast`` (default: on for CUDA and for bfloat16 networks): run the networks in bf16 autocast; the sampler
     stays in float32. Networks in float16 are refused (``weights.FLOAT16_REFUSED``): use bfloat16 or float32.
+    ``previewer``: a ``models.previewer.Previewer`` for the previews of ``__call__(preview=...)``; saved in
+    ``previewer/``. ``load_adapter``: a LoRA adapter for Stage C (``training.lora``), at a scale, merged or not.
     """
 
     def __init__(self, stage_c: nn.Module, stage_b: nn.Module, stage_a: nn.Module,
@@ -87,7 +92,8 @@ class Pipeline:
                  semantic_compressor: nn.Module | None = None, stage_c_scaling: str = "v2",
                  stage_c_mean: float = 0.0, stage_c_std: float = 1.0, stage_c_shift: float = 1.0,
                  prior_guidance: float = 4.0, decoder_guidance: float = 0.0, resolution_multiple: float = RESOLUTION_MULTIPLE, latent_dim_scale: float = LATENT_DIM_SCALE,
-                 compressor_size: int | None = None, autocast: bool | None = None) -> None:
+                 compressor_size: int | None = None, autocast: bool | None = None,
+                 previewer: nn.Module | None = None) -> None:
         if resolution_multiple <= 0 or latent_dim_scale <= 0 or stage_c_std <= 0 or stage_c_shift <= 0:
             raise ValueError("resolution_multiple, latent_dim_scale, stage_c_std and stage_c_shift must be > 0")
         self.stage_c, self.stage_b, self.stage_a = stage_c, stage_b, stage_a
@@ -98,7 +104,7 @@ class Pipeline:
         self.prior_guidance, self.decoder_guidance = prior_guidance, decoder_guidance
         self.resolution_multiple, self.latent_dim_scale = resolution_multiple, latent_dim_scale
         self.compressor_size = compressor_size
-        self.autocast = autocast
+        self.autocast, self.previewer = autocast, previewer
         self._check_dtypes()
         for m in self._modules():
             m.eval()
@@ -159,6 +165,8 @@ class Pipeline:
                 # a Stage B .pt without 'effnet_state_dict': the compressor is optional (reconstruct, variations)
         config = json.loads((root / "pipeline.json").read_text()) if (root / "pipeline.json").is_file() else {}
         texts = load_text_encoders(root, device, config.pop("text_layers", {}))
+        if (root / "previewer" / "model.json").is_file():
+            settings.setdefault("previewer", load_previewer(root / "previewer", device))
         return cls(nets["c"], nets["b"], nets["a"], prior_text_encoder or texts.get("prior"),
                    decoder_text_encoder or texts.get("decoder"), semantic_compressor=semantic,
                    **{**config, **settings})
@@ -173,6 +181,8 @@ class Pipeline:
         for stage, model in parts.items():
             if model is not None:
                 save_model(model, directory / SUBFOLDERS[stage][0])
+        if self.previewer is not None:
+            save_previewer(self.previewer, directory / "previewer")
         if text_encoder_dir is not None:
             source = Path(text_encoder_dir)
             for name in ("model.safetensors", "model.json"):
@@ -197,7 +207,7 @@ class Pipeline:
     # ---------------------------------------------------------------- plumbing
     def _modules(self) -> list[nn.Module]:
         parts = [self.stage_c, self.stage_b, self.stage_a, self.semantic_compressor,
-                 self.prior_text_encoder, self.decoder_text_encoder]
+                 self.prior_text_encoder, self.decoder_text_encoder, self.previewer]
         return [m for m in parts if isinstance(m, nn.Module)]
 
     @property
@@ -229,6 +239,23 @@ class Pipeline:
     def _check_dtypes(self) -> None:
         if torch.float16 in self._network_dtypes():
             raise ValueError(f"this pipeline's networks are float16: {FLOAT16_REFUSED}")
+
+    def load_adapter(self, directory: str | os.PathLike, scale: float = 1.0, merge: bool = False) -> "Pipeline":
+        """Inject the LoRA adapter of ``directory`` (``training.lora.save_adapter``; notebook 12) into Stage C at
+        ``scale``; ``merge=True`` folds it into the weights (the same outputs at the base network's cost)."""
+        lora.load_adapter(self.stage_c, directory, scale)
+        self.stage_c.eval()  # the adapter's dropout layers are new modules
+        if merge:
+            lora.merge(self.stage_c)
+        return self
+
+    def set_adapter_scale(self, scale: float) -> None:
+        """The loaded adapter's weight (1: as trained, 0: the base Stage C)."""
+        lora.set_scale(self.stage_c, scale)
+
+    def merge_adapter(self, merged: bool = True) -> None:
+        """Fold the adapter into Stage C's weights (``merged=False``: take it out again)."""
+        (lora.merge if merged else lora.unmerge)(self.stage_c)
 
     def _amp(self) -> contextlib.AbstractContextManager:
         # bfloat16 networks take the sampler's float32 inputs only under autocast
@@ -291,19 +318,24 @@ class Pipeline:
                        height: int = 1024, width: int = 1024, steps: int = 60,
                        timesteps: Sequence[float] | Tensor | None = None, guidance: float = 4.0,
                        generator: RNG | None = None, callback: StageCallback | None = None,
-                       progress: bool = False, sampler: str = "ddpm", start: Tensor | None = None) -> Tensor:
+                       progress: bool = False, sampler: str = "ddpm", start: Tensor | None = None,
+                       preview: PreviewCallback | None = None, preview_every: int = 1) -> Tensor:
         """Stage C: text tokens (B, L, c_cond) -> image embeddings (B, 16, ceil(H/42.67), ceil(W/42.67)) in the
         RAW Semantic Compressor space (``unscale_stage_c``: ``x*42 - 1`` with the v2 scaling), ready for Stage B.
-        ``start``: latents in Stage C's space at ``timesteps[0]`` instead of drawn noise (``resample``)."""
+        ``start``: latents in Stage C's space at ``timesteps[0]`` instead of drawn noise (``resample``).
+        ``preview``: as in ``__call__`` (``adapters.preview_hooks``)."""
         b = text_embeds.shape[0]
         shape = (b, _config_int(self.stage_c, "c_in"), *stage_c_size(height, width, self.resolution_multiple))
-        x = sample(self._denoiser(self.stage_c), shape if start is None else start,
-                   timesteps if timesteps is not None else steps,
+        denoise, step = self._denoiser(self.stage_c), (lambda i, t, x: callback("c", i, t, x)) if callback else None
+        if preview is not None:
+            show = self.previewer.preview if self.previewer is not None else (lambda f: f)
+            denoise, step = preview_hooks(denoise, step, guidance, self.stage_c_schedule,
+                                          lambda x0: show(self.unscale_stage_c(x0)), preview, preview_every)
+        x = sample(denoise, shape if start is None else start, timesteps if timesteps is not None else steps,
                    {"text_tokens": text_embeds},
                    {"text_tokens": negative_text_embeds} if negative_text_embeds is not None else None,
                    guidance, sampler, generator=generator, progress=progress, device=self.device,
-                   callback=(lambda i, t, x: callback("c", i, t, x)) if callback else None,
-                   schedule=self.stage_c_schedule)
+                   callback=step, schedule=self.stage_c_schedule)
         return self.unscale_stage_c(x)
 
     def scale_stage_c(self, embeds: Tensor) -> Tensor:
@@ -358,7 +390,8 @@ class Pipeline:
                  decoder_steps: int = 12, decoder_timesteps: Sequence[float] | Tensor | None = None,
                  decoder_guidance: float | None = None, num_images_per_prompt: int = 1,
                  generator: RNG | None = None, callback: StageCallback | None = None,
-                 progress: bool = False, sampler: str = "ddpm") -> Tensor:
+                 progress: bool = False, sampler: str = "ddpm", preview: PreviewCallback | None = None,
+                 preview_every: int = 1) -> Tensor:
         """Text to images: float tensor (B * num_images_per_prompt, 3, H', W') in [0, 1].
 
         ``prompts``: a string or a list (different prompts are fine). ``negative_prompts``: one string or one per
@@ -368,6 +401,8 @@ class Pipeline:
         list of one generator per image draws each image's noise from its own generator (as diffusers).
         ``sampler``: "ddpm" (the paper's, diffusers') or "ddim" (deterministic), for both stages.
         ``prior_guidance`` / ``decoder_guidance``: None takes the pipeline's own (``Pipeline(...)``, ``pipeline.json``).
+        ``preview(step, images)``: after every ``preview_every``-th Stage C step and the last, the previewer's images
+        of Stage C's current prediction (raw compressor latents without a previewer); the images are unchanged.
         """
         prior_guidance = self.prior_guidance if prior_guidance is None else prior_guidance
         decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
@@ -402,7 +437,8 @@ class Pipeline:
         rep = (lambda e: e.repeat_interleave(n, dim=0) if e is not None else None)
         image_embeds = self.sample_stage_c(rep(c_text), rep(c_neg), height=height, width=width, steps=prior_steps,
                                            timesteps=prior_timesteps, guidance=prior_guidance, generator=generator,
-                                           callback=callback, progress=progress, sampler=sampler)
+                                           callback=callback, progress=progress, sampler=sampler, preview=preview,
+                                           preview_every=preview_every)
         latents = self.sample_stage_b(image_embeds, rep(b_text), rep(b_neg), steps=decoder_steps,
                                       timesteps=decoder_timesteps, guidance=decoder_guidance, generator=generator,
                                       callback=callback, progress=progress, sampler=sampler)

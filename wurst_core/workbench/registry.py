@@ -16,8 +16,11 @@ from ..studies.baseline import BaselineParams
 from ..studies.compression import CompressionParams
 from ..studies.data import DataParams
 from ..studies.evaluation import EvaluationParams
+from ..studies.explorer import ExplorerParams
+from ..studies.finetune import FinetuneParams
 from ..studies.objective import ObjectiveParams
 from ..studies.preference_study import PreferenceParams
+from ..studies.previewer import PreviewerParams
 from ..studies.sampling import SamplingParams
 from ..studies.stage_a import StageAParams
 from ..studies.stage_b import StageBParams
@@ -45,6 +48,9 @@ NOTEBOOKS: dict[str, Entry] = {
     "07_evaluation": Entry("Evaluation: FID, IS, CLIP score, PickScore-style preference, compositional accuracy",
                            EvaluationParams),
     "11_preference": Entry("Human preference study (Figure 5), simulated by default", PreferenceParams),
+    "12_finetune": Entry("Fine-tuning Stage C on your images: LoRA and full", FinetuneParams),
+    "13_previewer": Entry("Previewer: Stage C's latents as images while it samples", PreviewerParams),
+    "14_explorer": Entry("Explorer: interactive sampling in JupyterLab", ExplorerParams),  # after 12, 13: loads both
 }
 
 
