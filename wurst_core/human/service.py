@@ -174,10 +174,12 @@ class StudyService:
             if row is None:
                 judged = {r[0] for r in con.execute("SELECT item_id FROM judgments WHERE rater_id = ?",
                                                     (rater.rater_id,))}
-                item = next((i for i in self._order(rater.rater_id) if i not in judged), None)
+                # a named rater's order and sides follow the name: a seeded simulation replays exactly
+                key = rater.name or rater.rater_id
+                item = next((i for i in self._order(key) if i not in judged), None)
                 if item is None:
                     return None
-                row = (secrets.token_urlsafe(12), item, int(a_on_left(self.seed, rater.rater_id, item)))
+                row = (secrets.token_urlsafe(12), item, int(a_on_left(self.seed, key, item)))
                 con.execute("INSERT INTO showings VALUES (?, ?, ?, ?, ?)",
                             (row[0], rater.rater_id, row[1], row[2], time.time()))
             showing_id, item_id, a_left = row
