@@ -72,7 +72,8 @@ from ..weights import save_model
 from .baseline import _step_flops
 from .claims import MIN_BOOT, claims_records
 from .figures import image_grid, save_figure
-from .phases import _COMMON, PhaseParams, _batched, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder
+from .phases import (_COMMON, PhaseParams, _batched, _fit_phase, _seed_all, checkpoint_dir, load_stage, run_log,
+                     text_encoder)
 from .stage_b import StageBParams
 from .stage_c import StageCParams
 
@@ -339,14 +340,6 @@ class CompressionResult:
     figures: dict[str, Path]
 
 
-def _log(run: Run, progress: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        run.logger.info(message)
-        if progress:
-            print(message, flush=True)
-
-    return log
-
 
 def _refuse_paper_size(p: CompressionParams) -> None:
     if "paper" in (p.size, p.stage_b_size):
@@ -362,7 +355,7 @@ def run_compression(p: CompressionParams, run: Run, progress: bool = True) -> Co
     """Train every ratio, reconstruct and generate held-out data, measure, and judge the claim by its fixed rule."""
     t0 = time.time()
     _refuse_paper_size(p)
-    log = _log(run, progress)
+    log = run_log(progress, run)
     rb, rc = _recipes(p.profile)
     text_c = TextCache(text_encoder(p.profile, rc.text_layer))
     shared = {"recipes": (rb, rc), "stage_a": freeze(load_stage("a", p.profile)), "text_c": text_c,

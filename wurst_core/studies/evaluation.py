@@ -56,6 +56,7 @@ from .compression import SEMANTICS
 from .objective import P2_WEIGHTING, STABILITY
 from .figures import image_grid
 from .heldout import NOVEL, composition_groups, group_table, masked, seen_compositions, subset_features
+from .phases import run_log
 from .sampling import SamplingParams, load_sampling_pipeline
 
 REAL = "real (ground truth)"
@@ -137,15 +138,6 @@ class EvaluationResult:
             out[name].update({f"{k}_ci": [v.low, v.high] for k, v in est.items()})
         return out
 
-
-def _log(progress: bool, run: Run | None) -> Callable[[str], None]:
-    def log(msg: str) -> None:
-        if progress:
-            print(msg, flush=True)
-        if run is not None:
-            run.logger.info(msg)
-
-    return log
 
 
 def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudge, str]:
@@ -296,7 +288,7 @@ def _baseline_detail(baseline: TrainedBaseline, n_prompts: int) -> dict[str, Any
 
 def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool = False) -> EvaluationResult:
     """The whole study (see the module docstring); ``run``: where the log goes (tables: :func:`save_outputs`)."""
-    log = _log(progress, run)
+    log = run_log(progress, run)
     t0 = time.time()
     pipe, pipe_info = _pipeline(p)
     trained = bool(pipe_info.get("trained"))

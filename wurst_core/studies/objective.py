@@ -57,7 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -84,8 +84,8 @@ from ..weights import load_model, sampling_of
 from .claims import LATER, MIN_BOOT, claims_records
 from ..evaluation.probe import probe_spec
 from .figures import image_grid, save_figure
-from .phases import (_COMMON, PhaseParams, _batched, _ema_into, _seed_all, checkpoint_dir, load_stage, text_encoder,
-                     upstream)
+from .phases import (_COMMON, PhaseParams, _batched, _ema_into, _seed_all, checkpoint_dir, load_stage, run_log,
+                     text_encoder, upstream)
 from .stage_c import StageCParams
 
 
@@ -281,17 +281,10 @@ class ObjectiveResult:
     figures: dict[str, Path]
 
 
-def _log(progress: bool, run: Run) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        run.logger.info(message)
-        if progress:
-            print(message, flush=True)
-    return log
-
 
 def run_objective_study(p: ObjectiveParams, run: Run, progress: bool = True) -> ObjectiveResult:
     """Train the four arms and the three stress runs, sample and score every arm, measure both claims."""
-    t0, log = time.time(), _log(progress, run)
+    t0, log = time.time(), run_log(progress, run)
     if p.size == "paper":
         raise RuntimeError("the objective ablation trains four paper-size Stage Cs from scratch: that needs a GPU "
                            "cluster, not the CPU worker processes of this study; run the smoke or tiny profile")

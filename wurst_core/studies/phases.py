@@ -81,6 +81,17 @@ _COMMON = {
 }
 
 
+def run_log(progress: bool, run: Run | None):
+    """A study's message sink: the run's log, and stdout when ``progress`` (notebooks show it)."""
+    def log(msg: str) -> None:
+        if progress:
+            print(msg, flush=True)
+        if run is not None:
+            run.logger.info(msg)
+
+    return log
+
+
 def checkpoint_dir(run: Run, stage: str) -> Path:
     return run.checkpoints / stage
 
