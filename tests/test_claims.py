@@ -197,6 +197,30 @@ def test_claim_not_measured_yet():
         E.Claim("x", "y")  # an unmeasured claim must say what will measure it
 
 
+def test_a_claim_whose_precondition_failed_is_inconclusive_whatever_its_interval(tmp_path):
+    from wurst_core.runs import Run
+    from wurst_core.studies.claims import claim_from_run, claims_records
+
+    stated = E.Claim("keeps semantics", "§3.1", measure="points", precondition="the decoder reconstructs")
+    assert "judged only if the decoder reconstructs, else inconclusive" in stated.rule
+    assert E.verdict(stated) == E.NOT_MEASURED
+    with pytest.raises(ValueError, match="precondition"):
+        dataclasses.replace(stated, measured=E.Estimate(3.0, 1.0, 5.0))  # measured, but did it hold?
+    held = dataclasses.replace(stated, measured=E.Estimate(3.0, 1.0, 5.0), precondition_met=True)
+    failed = dataclasses.replace(held, precondition_met=False)
+    assert E.verdict(held) == E.SUPPORTED and E.verdict(failed) == E.INCONCLUSIVE
+    assert E.verdict(dataclasses.replace(failed, measured=E.Estimate(-3.0, -5.0, -1.0))) == E.INCONCLUSIVE
+    # the flag travels through a run's metrics; a run recorded before the precondition existed is not judged
+    run = Run("10_compression", "smoke", "r1", tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"claims": claims_records([failed])}))
+    read = claim_from_run(stated, "10_compression", run)
+    assert read.precondition_met is False and E.verdict(read) == E.INCONCLUSIVE
+    (tmp_path / "metrics.json").write_text(json.dumps({"claims": [
+        {"claim": stated.name, "measured": {"value": 3.0, "ci": [1.0, 5.0]}}]}))
+    old = claim_from_run(stated, "10_compression", run)
+    assert old.measured is None and "predates" in old.measure
+
+
 def test_the_notebook_states_the_measured_rule_before_its_results():
     cells = json.loads((paths.NOTEBOOKS / "07_evaluation.ipynb").read_text())["cells"]
     sources = ["".join(c["source"]) for c in cells]

@@ -114,17 +114,35 @@ def test_stability_claim_rule():
     assert none.measured is None and verdict(none) == NOT_MEASURED and "not measured" in none.measure
 
 
+def _p2(ab: torch.Tensor, constant: torch.Tensor, chance: float = 0.2):
+    floor = {k: torch.full_like(ab, chance) for k in ("ab_p2", "ab_constant")}
+    return obj.measured_objective_claims(None, {"ab_p2": ab, "ab_constant": constant}, floor)[1]
+
+
 def test_p2_claim_rule_is_paired_on_prompts():
-    base = torch.tensor([1.0, 0, 1, 0] * 25, dtype=torch.float64)
+    base = torch.tensor([1.0, 0.4, 1, 0.4] * 25, dtype=torch.float64)  # attribute shares
     better = base.clone()
-    better[1::4] = 1.0  # p2 gets a quarter more prompts all correct, and none fewer
-    claim = obj.measured_objective_claims(None, {"ab_p2": better, "ab_constant": base})[1]
-    assert claim.measured.value == pytest.approx(25.0) and verdict(claim) == SUPPORTED
-    assert verdict(obj.measured_objective_claims(None, {"ab_p2": base, "ab_constant": better})[1]) == REFUTED
-    assert verdict(obj.measured_objective_claims(None, {"ab_p2": base, "ab_constant": base})[1]) == REFUTED
+    better[1::4] = 1.0  # p2 reads more attributes right on a quarter of the prompts, and fewer on none
+    claim = _p2(better, base)
+    assert claim.measured.value == pytest.approx(15.0) and verdict(claim) == SUPPORTED
+    assert claim.precondition_met and "above chance" in claim.measure
+    assert verdict(_p2(base, better)) == REFUTED
+    assert verdict(_p2(base, base)) == REFUTED
     noisy = base.clone()
-    noisy[1], noisy[0] = 1.0, 0.0  # one prompt won, one lost: no difference to speak of
-    assert verdict(obj.measured_objective_claims(None, {"ab_p2": noisy, "ab_constant": base})[1]) == INCONCLUSIVE
+    noisy[1], noisy[0] = 1.0, 0.4  # one prompt won, one lost: no difference to speak of
+    assert verdict(_p2(noisy, base)) == INCONCLUSIVE
+
+
+def test_p2_claim_is_not_judged_at_chance_level():
+    # the first tiny run's trouble, restated: a measure no arm has left the floor of says nothing about p2
+    base = torch.full((100,), 0.22, dtype=torch.float64)
+    better = base.clone()
+    better[::2] = 0.26
+    claim = _p2(better, base, chance=0.2)  # both arms within 5 points of chance
+    assert claim.measured.low > 0 and claim.precondition_met is False and verdict(claim) == INCONCLUSIVE
+    assert "judged only if" in claim.rule
+    with pytest.raises(ValueError, match="chance"):
+        obj.measured_objective_claims(None, {"ab_p2": base, "ab_constant": base})
 
 
 # ------------------------------------------------------------------------------------------ the arms

@@ -31,6 +31,10 @@ class Claim:
     ``measure`` says in words what ``measured`` is (or, without a measurement, what will measure the claim). A claim
     is stated before it is measured: ``measured=None`` gives the verdict "not measured yet", with the rule already
     fixed, or with ``direction=None`` when no rule is fixed yet (``dataclasses.replace`` adds the measurement later).
+
+    ``precondition``, stated with the rule, says in words what must hold for the measurement to be judged at all (a
+    decoder that reconstructs, a measure off its floor); a measured claim with one says whether it held
+    (``precondition_met``), and where it did not the verdict is "inconclusive at this scale", whatever the interval.
     """
 
     name: str
@@ -41,6 +45,8 @@ class Claim:
     margin: float = 0.0
     level: float = 0.95
     measure: str = ""
+    precondition: str = ""
+    precondition_met: bool | None = None
 
     def __post_init__(self) -> None:
         # a rule that cannot be read unambiguously must fail when stated, not when judged
@@ -61,6 +67,9 @@ class Claim:
         if self.measured.level != self.level:
             raise ValueError(f"the rule reads a {self.level:g} interval, the measurement has level "
                              f"{self.measured.level:g}")
+        if self.precondition and self.precondition_met is None:
+            raise ValueError(f"claim {self.name!r} is measured: say whether its precondition held "
+                             f"(precondition_met), {self.precondition!r}")
 
     @property
     def bound(self) -> float:
@@ -74,16 +83,20 @@ class Claim:
         side = ">" if self.direction == "higher" else "<"
         other = "<=" if self.direction == "higher" else ">="
         level = f"{100 * self.level:g}% CI"
-        return (f"claim holds for values {side} {self.bound:g} (reference {self.reference:g}, margin "
+        rule = (f"claim holds for values {side} {self.bound:g} (reference {self.reference:g}, margin "
                 f"{self.margin:g}): supported if the whole {level} is {side} {self.bound:g}, refuted if the whole "
                 f"{level} is {other} {self.bound:g}, else inconclusive")
+        return f"{rule}; judged only if {self.precondition}, else inconclusive" if self.precondition else rule
 
 
 def verdict(claim: Claim) -> Verdict:
     """Supported if every value of the interval satisfies the claim, refuted if none does, inconclusive otherwise
-    (also for an undefined interval); "not measured yet" without a measurement."""
+    (also for an undefined interval or a precondition that did not hold); "not measured yet" without a
+    measurement."""
     if claim.measured is None:
         return NOT_MEASURED
+    if claim.precondition and not claim.precondition_met:
+        return INCONCLUSIVE
     low, high = claim.measured.low, claim.measured.high
     if not (math.isfinite(low) and math.isfinite(high)):
         return INCONCLUSIVE

@@ -338,6 +338,13 @@ def scene_checks(predicted: Mapping[str, Any], truth: Mapping[str, Any], spec: P
     return checks
 
 
+def attribute_share(checks: Mapping[str, Tensor]) -> Tensor:
+    """Per scene, the share of its yes/no attribute checks that hold (count, position, background, each object
+    field): a graded adherence measure that moves long before all-correct leaves 0."""
+    keys = [k for k in checks if k not in ("all_correct", "cell_iou")]
+    return torch.stack([torch.as_tensor(checks[k], dtype=torch.float64) for k in keys]).mean(0)
+
+
 @dataclass
 class CompositionalResult:
     """Per-attribute and all-correct accuracy (%) with bootstrap CIs, and the per-image checks behind them."""

@@ -110,10 +110,14 @@ def claim_from_run(claim: Claim, notebook: str, run: Any) -> Claim:
     if record is None or record.get("measured") is None:
         return dataclasses.replace(claim, measured=None,
                                    measure=f"{claim.measure}; not measured: {notebook}/{run.run_id} recorded none")
+    met = record.get("precondition_met") if claim.precondition else None
+    if claim.precondition and met is None:
+        return dataclasses.replace(claim, measured=None, measure=f"{claim.measure}; not measured: {notebook}/"
+                                                                 f"{run.run_id} predates the rule's precondition")
     low, high = record["measured"]["ci"]
     est = Estimate(float(record["measured"]["value"]), float(low), float(high), level=claim.level)
-    return dataclasses.replace(claim, measured=est, measure=f"{record.get('measurement') or claim.measure}; "
-                                                            f"{notebook}/{run.run_id}")
+    return dataclasses.replace(claim, measured=est, precondition_met=met if met is None else bool(met),
+                               measure=f"{record.get('measurement') or claim.measure}; {notebook}/{run.run_id}")
 
 
 def stated_claims() -> list[Claim]:
@@ -225,4 +229,6 @@ def claims_records(claims: Sequence[Claim]) -> list[dict[str, Any]]:
     return [{"claim": c.name, "verdict": verdict(c),
              "measured": None if c.measured is None else {"value": c.measured.value, "ci": [c.measured.low,
                                                                                             c.measured.high]},
-             "rule": c.rule, "measurement": c.measure, "paper": c.paper} for c in claims]
+             "rule": c.rule, "measurement": c.measure, "paper": c.paper,
+             **({"precondition": c.precondition, "precondition_met": c.precondition_met} if c.precondition else {})}
+            for c in claims]
