@@ -156,9 +156,12 @@ def test_run_folder_layout_and_report(tmp_path):
     assert "figures/00_data/curve.png" in text and (index.parent / "figures/00_data/curve.png").exists()
     assert "No `smoke` run of `notebooks/03_stage_a.ipynb`" in text
     assert runs.latest_run("00_data", "smoke").run_id == run.run_id
-    assert "wall time" not in text  # no runner's done.json: no wall time to show
+    assert ", wall time" not in text  # no runner's done.json: no wall time to show
+    assert f"| `00_data` | `{run.run_id}` | - |" in text and "| `03_stage_a` | - | - |" in text
     (run.dir / "done.json").write_text(json.dumps({"finished": "x", "wall_seconds": 125.0}))
-    assert ", wall time 2.1 min)" in report.build_report("smoke", ["00_data"]).read_text()
+    text = report.build_report("smoke", ["00_data", "03_stage_a"]).read_text()
+    assert ", wall time 2.1 min)" in text and f"| `00_data` | `{run.run_id}` | 2.1 |" in text
+    assert "| **total** | | **2.1** |" in text
 
 
 def test_report_opens_with_the_claims_table_of_the_latest_evaluation_run():

@@ -35,11 +35,30 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _wall_time(run_dir: Path) -> str:
-    """", wall time N min" from the runner's ``done.json`` (runs made through papermill alone have none)."""
+def _wall_seconds(run_dir: Path) -> float | None:
+    """Wall seconds from the runner's ``done.json`` (runs made through papermill alone have none)."""
     done = run_dir / "done.json"
-    seconds = json.loads(done.read_text()).get("wall_seconds") if done.is_file() else None
+    return json.loads(done.read_text()).get("wall_seconds") if done.is_file() else None
+
+
+def _wall_time(run_dir: Path) -> str:
+    seconds = _wall_seconds(run_dir)
     return f", wall time {seconds / 60:.1f} min" if seconds is not None else ""
+
+
+def wall_time_section(profile: str, names: list[str]) -> list[str]:
+    """One row per notebook: its latest run and wall time, then the total (the budget `make reproduce` must keep)."""
+    rows, total = [], 0.0
+    for name in names:
+        run = latest_run(name, profile)
+        seconds = _wall_seconds(run.dir) if run is not None else None
+        total += seconds or 0.0
+        rows.append(f"| `{name}` | {f'`{run.run_id}`' if run else '-'} | "
+                    f"{'-' if seconds is None else f'{seconds / 60:.1f}'} |")
+    return ["## Wall time per notebook", "",
+            "Each notebook's latest run, as `wurst reproduce` timed it (2-core CPU; `-`: no run, or one made without "
+            "the runner).", "", "| notebook | run | wall time [min] |", "|---|---|---:|", *rows,
+            f"| **total** | | **{total / 60:.1f}** |", ""]
 
 
 CLAIMS_NOTEBOOK = "07_evaluation"  # the notebook that writes tables/claims.md
@@ -74,6 +93,7 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
         "procedural dataset: its numbers are not comparable with the paper's.",
         "",
         *claims_section(profile),
+        *wall_time_section(profile, notebooks or all_notebooks()),
     ]
     for name in notebooks or all_notebooks():
         run = latest_run(name, profile)
