@@ -254,13 +254,16 @@ def stage_c_name(seed: int) -> str:
     return f"Würstchen (Stage C seed {seed}, 08)"
 
 
-def _stage_c_seed_generators(baseline: TrainedBaseline | None, p: EvaluationParams) -> dict[str, gens.Generator]:
-    """Würstchen with each Stage C that 08 trained from another seed, sampled exactly as the 05 pipeline."""
+def _stage_c_seed_generators(baseline: TrainedBaseline | None, p: EvaluationParams,
+                             size: int) -> dict[str, gens.Generator]:
+    """Würstchen with each Stage C that 08 trained from another seed, sampled exactly as the 05 pipeline (at its
+    ``size``: a weights folder alone would be sampled at the released 1024 px)."""
     if baseline is None:
         return {}
     out = {}
     for seed, folder in baseline.stage_c_pipelines.items():
-        pipe, info = load_sampling_pipeline(SamplingParams(profile=p.profile, weights_dir=str(folder), seed=p.seed))
+        pipe, info = load_sampling_pipeline(SamplingParams(profile=p.profile, weights_dir=str(folder), seed=p.seed,
+                                                           size=size))
         out[stage_c_name(seed)] = gens.pipeline_generator(pipe, int(info["size"]), p.prior_steps, p.decoder_steps,
                                                           p.prior_guidance, seed=p.seed, per_prompt=True)
     return out
@@ -318,7 +321,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         REAL: gens.lookup_generator(prompts, test["image"]),
         model_name: gens.pipeline_generator(pipe, int(pipe_info["size"]), p.prior_steps, p.decoder_steps,
                                             p.prior_guidance, seed=p.seed, per_prompt=paired),
-        **_stage_c_seed_generators(baseline, p),
+        **_stage_c_seed_generators(baseline, p, int(pipe_info["size"])),
         **_baseline_generators(baseline, p.seed),
         SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
         NOISE: gens.noise_generator(res, p.seed),
