@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from wurst_core import evaluation as E
+from wurst_core import params
 from wurst_core.evaluation import probe as P
 from wurst_core.data.procedural import ProceduralDataset
 
@@ -480,3 +481,22 @@ def test_layout_probe_reads_informative_features_and_not_noise():
     assert good["occupied"].iloc[-1] > 0.8 and bad["occupied"].iloc[-1] < 0.4
     with pytest.raises(ValueError, match="train_tokens"):
         layout_probe(tokens[0], targets[:1], tokens[va], targets[va], steps=1)
+
+
+def test_extra_stage_c_seeds_are_sampled_at_the_main_pipelines_size(monkeypatch, tmp_path):
+    # a weights folder alone is sampled at the released 1024 px: 07 must pass its own size (the tiny run stalled)
+    from types import SimpleNamespace
+
+    from wurst_core.studies import evaluation as ev
+
+    asked = []
+
+    def fake_load(sp):
+        asked.append(sp)
+        return object(), {"size": sp.size or 1024}
+
+    monkeypatch.setattr(ev, "load_sampling_pipeline", fake_load)
+    monkeypatch.setattr(ev.gens, "pipeline_generator", lambda pipe, size, *a, **k: size)
+    p = params.build(ev.EvaluationParams, {"profile": "smoke"})
+    out = ev._stage_c_seed_generators(SimpleNamespace(stage_c_pipelines={1: tmp_path}), p, 64)
+    assert [sp.size for sp in asked] == [64] and list(out.values()) == [64]
