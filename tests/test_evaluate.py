@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from wurst_core import evaluation as E
 from wurst_core import params
-from wurst_core.evaluation import probe as P
 from wurst_core.data.procedural import ProceduralDataset
+from wurst_core.evaluation import probe as P
 
 
 def render(split: str, n: int, resolution: int = 48, seed: int = 0):
