@@ -344,7 +344,6 @@ class CompressionResult:
     figures: dict[str, Path]
 
 
-
 def _refuse_paper_size(p: CompressionParams) -> None:
     if "paper" in (p.size, p.stage_b_size):
         raise RuntimeError("the paper-size ablation (a ~1B Stage B and a ~1B Stage C per ratio) is stated, not "

@@ -139,7 +139,6 @@ class EvaluationResult:
         return out
 
 
-
 def judge_for(p: EvaluationParams, log: Callable[[str], None]) -> tuple[ClipJudge, str]:
     """PickScore_v1 from ``judge_dir``, else the tiny judge CLIP (trained once per profile and seed, then cached).
 

@@ -293,7 +293,6 @@ class ObjectiveResult:
     figures: dict[str, Path]
 
 
-
 def run_objective_study(p: ObjectiveParams, run: Run, progress: bool = True) -> ObjectiveResult:
     """Train the four arms and the three stress runs, sample and score every arm, measure both claims."""
     t0, log = time.time(), run_log(progress, run)

@@ -82,7 +82,7 @@ def claims_section(profile: str) -> list[str]:
 
 
 def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> Path:
-
+    names = notebooks or all_notebooks()
     out = paths.reports_dir()
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -93,9 +93,9 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
         "procedural dataset: its numbers are not comparable with the paper's.",
         "",
         *claims_section(profile),
-        *wall_time_section(profile, notebooks or all_notebooks()),
+        *wall_time_section(profile, names),
     ]
-    for name in notebooks or all_notebooks():
+    for name in names:
         run = latest_run(name, profile)
         lines += [f"## {NOTEBOOKS[name].title if name in NOTEBOOKS else name}", ""]
         if run is None:
@@ -126,6 +126,6 @@ def build_report(profile: str = "tiny", notebooks: list[str] | None = None) -> P
     index = out / "index.md"
     index.write_text("\n".join(lines))
     (out / "metrics.json").write_text(json.dumps(
-        {n: (r.metrics() if (r := latest_run(n, profile)) else None) for n in (notebooks or all_notebooks())},
+        {n: (r.metrics() if (r := latest_run(n, profile)) else None) for n in names},
         indent=2, sort_keys=True, default=str) + "\n")
     return index
