@@ -195,6 +195,33 @@ def test_same_seed_gives_the_same_weights(tmp_path):
 
 
 
+def test_a_snapshot_keeps_the_ema_weights_of_its_step(tmp_path):
+    # a constant lr after warm-up: the 3-step run and the first 3 steps of the 5-step run are the same updates
+    get_batch, n = make_data()
+    longer = make_task(seed=2)
+    train.fit(longer, dataclasses.replace(CFG, steps=5, snapshot_steps=(3,)), get_batch, n, tmp_path / "five",
+              progress=False)
+    shorter = make_task(seed=2)
+    train.fit(shorter, dataclasses.replace(CFG, steps=3), get_batch, n, tmp_path / "three", progress=False)
+    snap = train.load_training_state(train.snapshot_path(tmp_path / "five", 3))
+    ema = train.load_training_state(tmp_path / "three" / "train_state.pt")["ema"]
+    assert snap["step"] == 3 and set(snap["ema"]) == set(ema)
+    assert all(torch.equal(v, ema[k]) for k, v in snap["ema"].items())
+    final = train.load_training_state(tmp_path / "five" / "train_state.pt")["ema"]
+    assert not all(torch.equal(v, final[k]) for k, v in snap["ema"].items())  # two more steps moved it
+    assert not train.snapshot_path(tmp_path / "five", 4).exists()
+    with pytest.raises(ValueError, match="snapshot_steps"):
+        dataclasses.replace(CFG, snapshot_steps=(3,))  # beyond the run's 2 steps
+
+
+def test_snapshot_steps_are_distinct_steps_before_the_end():
+    p = params.build(BaselineParams, {"profile": "smoke", "snapshots": "0.125,0.25,0.5"})
+    assert p.snapshot_steps(3) == (1, 2) and p.snapshot_steps(3326) == (416, 832, 1663)
+    assert p.snapshot_steps(1) == ()  # a one-step run has no earlier weights
+    with pytest.raises(ValueError, match="snapshots"):
+        params.build(BaselineParams, {"profile": "smoke", "snapshots": "0.5,1"})
+
+
 # ------------------------------------------------------------------------------ budget arithmetic (08)
 
 def _arms(c_flops: int = 300, c_steps: int = 10, b_flops: int = 500, b_steps: int = 4):

@@ -314,7 +314,9 @@ def test_comparison_with_the_baseline_pairs_each_seed_and_pools():
     assert claims[0].rule == EQUAL_COMPUTE.rule and "08_baseline/x" in claims[0].measure
     assert claims[1].measured is cmp.headline("judge_win") and E.verdict(claims[1]) == E.SUPPORTED  # judge: 100 %
     assert E.verdict(claims[2]) == E.NOT_MEASURED and "not measured" in claims[2].measure  # no KID passed
-    assert claims[3:] == list(LATER)
+    cheaper = next(c for c in claims if c.name == "Training is several times cheaper")
+    assert E.verdict(cheaper) == E.NOT_MEASURED and cheaper.measure.endswith("not measured: 08_baseline/x")
+    assert [c for c in claims[3:] if c is not cheaper] == [c for c in LATER if c.name != cheaper.name]
 
     single = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b1"])
     assert single.pooled is None and single.headline() is single.per_seed["b1"]["all_correct_diff"]
@@ -393,3 +395,37 @@ def test_inference_speed_ratio_and_claims_read_from_other_runs(tmp_path):
     assert read.measured.value == 3.0 and E.verdict(read) == E.SUPPORTED and "09_objective/r1" in read.measure
     later = measured_claims(None, "none", others=[read])
     assert next(c for c in later if c.name == rule.name) is read
+
+
+def test_first_match_interpolates_in_flops_and_marks_what_never_matches():
+    from wurst_core.studies.claims import first_match
+
+    assert first_match(50.0, [40.0, 60.0, 70.0], [0.25, 0.5, 1.0]) == pytest.approx(0.375)
+    assert first_match(30.0, [40.0, 60.0], [0.25, 0.5]) == 0.25  # matched already: the first point, an upper bound
+    assert first_match(80.0, [40.0, 60.0, 70.0], [0.25, 0.5, 1.0]) == math.inf
+    assert first_match(60.0, [40.0, 60.0, 55.0], [0.25, 0.5, 1.0]) == 0.5  # the first match, not a later dip
+
+
+def test_matching_budget_gives_each_verdict_of_the_training_cost_rule():
+    from wurst_core.studies.claims import CHEAPER, matching_budget
+
+    g = torch.Generator().manual_seed(0)
+    noise = 0.5 * torch.randn(2, 64, generator=g, dtype=torch.float64)  # (seeds, prompts)
+    model = 50.0 + noise
+
+    def judged(levels, fractions):
+        curve = torch.stack([torch.full((2, 64), lv, dtype=torch.float64) + noise for lv in levels])
+        est = matching_budget(model, curve, fractions)
+        return est, E.verdict(dataclasses.replace(CHEAPER, measured=est))
+
+    assert CHEAPER.bound == 2.0  # "several": at least twice Stage C's FLOPs
+    est, v = judged([45.0, 55.0, 60.0], [0.25, 0.5, 1.0])  # the baseline matches at 0.375x: far cheaper than 2x
+    assert est.value == pytest.approx(0.375) and est.high < 2 and v == E.REFUTED
+    est, v = judged([30.0, 40.0, 45.0], [0.25, 0.5, 1.0])  # never matched within 1x: only "> 1" is known
+    assert est.value == math.inf and v == E.INCONCLUSIVE
+    est, v = judged([30.0, 40.0, 45.0, 49.0, 60.0], [0.25, 0.5, 1.0, 2.5, 4.0])  # a longer baseline matches at ~3x
+    assert 2.5 < est.value < 4.0 and est.low > 2 and v == E.SUPPORTED
+    with pytest.raises(ValueError, match="increasing"):
+        matching_budget(model, torch.zeros(2, 2, 64), [0.5, 0.25])
+    with pytest.raises(ValueError, match="fractions"):
+        matching_budget(model, torch.zeros(3, 2, 64), [0.25, 0.5])

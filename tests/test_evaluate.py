@@ -500,3 +500,40 @@ def test_extra_stage_c_seeds_are_sampled_at_the_main_pipelines_size(monkeypatch,
     p = params.build(ev.EvaluationParams, {"profile": "smoke"})
     out = ev._stage_c_seed_generators(SimpleNamespace(stage_c_pipelines={1: tmp_path}), p, 64)
     assert [sp.size for sp in asked] == [64] and list(out.values()) == [64]
+
+
+def test_training_curve_reads_each_snapshot_with_the_noise_of_its_prompts_position(monkeypatch):
+    from types import SimpleNamespace
+
+    from wurst_core.evaluation.generators import prompt_generators
+    from wurst_core.studies import training_cost as tc
+
+    drawn = []
+
+    class FakeBaseline:  # every image's value is its weights' attribute share
+        unets, steps, flops_per_step, stage_c_flops, stage_bc_flops = {0: None, 1: None}, 8, 10, 40, 60
+        snapshots = {(s, t): None for s in (0, 1) for t in (2, 4)}
+        run = SimpleNamespace(notebook="08_baseline", run_id="r")
+
+        def sample(self, seed, prompts, generators, step=None):
+            drawn.append((seed, step, [g.initial_seed() for g in generators]))
+            return torch.full((len(prompts), 3, 8, 8), {2: 0.2, 4: 0.6}[step])
+
+    monkeypatch.setattr(tc, "compositional_accuracy", lambda probe, imgs, truths, n_boot, seed: SimpleNamespace(
+        checks={"count": imgs.mean((1, 2, 3)).double(), "all_correct": torch.zeros(len(imgs))}))
+    checks = {name: {"count": torch.full((4,), share, dtype=torch.float64), "all_correct": torch.zeros(4)}
+              for name, share in (("W0", 0.5), ("W1", 0.5), ("b0", 0.8), ("b1", 0.8))}
+    curve = tc.training_curve(FakeBaseline(), checks, ["W0", "W1"], ["b0", "b1"], [1, 3], list("abcd"),
+                              [None] * 4, None, 8, 7, 50, lambda msg: None)
+    assert curve.steps == [2, 4, 8] and curve.fractions == pytest.approx([0.5, 1.0, 2.0])
+    assert curve.baseline[0] == pytest.approx([20.0, 60.0, 80.0]) and curve.model["W0"] == pytest.approx(50.0)
+    assert curve.matched.value == pytest.approx(0.875)  # 20 % at 0.5x, 60 % at 1x: 50 % three quarters between
+    assert curve.stage_bc_over_c == 1.5 and list(curve.table().index) == [2, 4, 8]
+    want = [g.initial_seed() for g in prompt_generators(7, [1, 3])]  # the subset keeps the whole list's seeds
+    assert all(seeds == want for _, _, seeds in drawn) and len(drawn) == 4
+    assert "0.5833" in tc.curve_detail(curve, FakeBaseline(), 2)  # over Stage B + C's FLOPs: 0.875 / 1.5
+    tc.training_curve_figure(curve)
+    empty = FakeBaseline()
+    empty.snapshots = {}
+    assert tc.training_curve(empty, checks, ["W0", "W1"], ["b0", "b1"], [1, 3], list("abcd"), [None] * 4, None, 8,
+                             7, 50, lambda msg: None) is None

@@ -134,6 +134,28 @@ class _PerPrompt:
         return self.sample(list(batch), prompt_generators(self.seed, positions))
 
 
+class _Reindexed:
+    """A positional generator drawn for a subset of the evaluated prompts, each at its position in the whole list."""
+
+    positional = True
+
+    def __init__(self, generator: Generator, positions: Sequence[int]):
+        self.generator, self.positions = generator, list(positions)
+
+    def __call__(self, batch: list[str], positions: Sequence[int] | None = None) -> Tensor:
+        if positions is None or len(positions) != len(batch):
+            raise ValueError("a reindexed generator needs each prompt's position: draw through generate()")
+        return self.generator(batch, positions=[self.positions[i] for i in positions])
+
+
+def reindexed(generator: Generator, positions: Sequence[int]) -> Generator:
+    """``generator`` for the prompts at ``positions`` of a longer list: prompt i of the subset is drawn as the
+    whole list's prompt ``positions[i]`` (the same per-prompt seed), so a subset pairs with the full draw."""
+    if not getattr(generator, "positional", False):
+        raise ValueError("only a positional generator (per-prompt seeds, stored images) can be reindexed")
+    return _Reindexed(generator, positions)
+
+
 def per_prompt_generator(sample: Callable[[list[str], list[torch.Generator]], Tensor], seed: int = 0) -> Generator:
     """A sampler that takes one generator per prompt (``sample(prompts, generators)``; the samplers draw row ``i``
     from ``generators[i]``) as a generator with per-prompt seeds (:func:`prompt_generators`): two systems drawn with

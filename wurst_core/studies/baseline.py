@@ -35,10 +35,11 @@ from ..models.baseline import BASELINE_SIZES, BaselineUNet, load_baseline, save_
 from ..params import Domain, param
 from ..runs import Run
 from ..text import text_encoder_dir
-from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators
+from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators, snapshot_path
 from ..weights import load_model
 from .figures import image_grid, save_figure
-from .phases import _COMMON, PhaseParams, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder, upstream
+from .phases import (_COMMON, PhaseParams, _ema_into, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder,
+                     upstream)
 from .stage_b import StageBParams
 from .stage_c import StageCParams, build_stage_c, stage_c_pipeline
 
@@ -57,6 +58,9 @@ class BaselineParams(PhaseParams):
     sample_steps: int = param(0, ge=1, le=1000)   # DDPM steps of the sample grid
     guidance: float | None = param(None, ge=0)    # classifier-free guidance of the sample grid (on above 1)
     n_prompts: int = param(16, ge=1)              # held-out prompts in the sample grid
+    # fractions of its steps at which each seed's EMA weights are also kept: the learning curve in FLOPs that 07's
+    # training-cost claim reads (a snapshot's lr has not decayed: it is no run trained at that budget)
+    snapshots: str = param("0.125,0.25,0.5", items=Domain(lo=0, hi=1, lo_open=True, hi_open=True))
 
     @classmethod
     def profile_defaults(cls, profile: str) -> dict[str, Any]:
@@ -77,6 +81,11 @@ class BaselineParams(PhaseParams):
         if any(not s.isdigit() for s in extra) or len(set(map(int, extra))) != len(extra):
             raise ValueError(f"parameter 'stage_c_seeds' must be distinct comma-separated integers >= 0, got "
                              f"{self.stage_c_seeds!r}")
+
+    def snapshot_steps(self, steps: int) -> tuple[int, ...]:
+        """The distinct steps before ``steps`` that :attr:`snapshots` names (each fraction rounded, at least 1)."""
+        picked = {max(1, round(float(f) * steps)) for f in params.listed(self.snapshots)}
+        return tuple(sorted(s for s in picked if s < steps))
 
     def seed_list(self) -> list[int]:
         return [int(s) for s in params.listed(self.seeds)]
@@ -254,13 +263,19 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
     run.logger.info(message)
     print(message, flush=True)
     histories, seconds, unets = {}, {}, {}
+    snapshot_steps = p.snapshot_steps(steps)
     for seed in p.seed_list():
         _seed_all(seed)  # the seed draws the U-Net's init, then the batch order and every noise draw
         task = make_task()
         histories[seed], seconds[seed] = _fit_phase(task, dataclasses.replace(p, steps=steps, seed=seed), run,
-                                                    f"baseline_seed{seed}", train, progress)
+                                                    f"baseline_seed{seed}", train, progress, snapshot_steps)
         save_baseline(task.unet, checkpoint_dir(run, f"baseline_seed{seed}"))  # EMA weights (_fit_phase loaded them)
         unets[seed] = task.unet
+        for step in snapshot_steps:  # the same network's EMA weights earlier in training
+            snap = make_task()
+            _ema_into(snap, checkpoint_dir(run, f"train_baseline_seed{seed}"),
+                      snapshot_path(checkpoint_dir(run, f"train_baseline_seed{seed}"), step))
+            save_baseline(snap.unet, checkpoint_dir(run, snapshot_name(seed, step)))
     c_seconds = {}
     for seed in p.stage_c_seed_list():  # Würstchen's seed spread: Stage C again, as 05 trains it, from another seed
         if seed == sc.seed:
@@ -287,6 +302,7 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
                                   "stage_b": arms["stage_b"].flops_per_step, "baseline": flops},
                "flops_rows_counted": info["rows_counted"], "budget": p.budget, "budget_flops": budget,
                "baseline_flops": steps * flops, "budget_ratio": steps * flops / budget, "steps": steps,
+               "snapshot_steps": list(snapshot_steps),
                "steps_from_budget": not p.steps, "stage_c_steps": arms["stage_c"].steps,
                "stage_b_steps": arms["stage_b"].steps, "seeds": list(unets), "stage_c_seeds": list(c_seconds),
                "stage_c_train_seconds": {f"seed{s}": t for s, t in c_seconds.items()},
@@ -318,6 +334,11 @@ def sample_grid(unet: nn.Module, stage_a: nn.Module, text: TextCache, prompts: l
     return stage_a.decode(latents).clamp(0, 1)
 
 
+def snapshot_name(seed: int, step: int) -> str:
+    """The checkpoint folder of the EMA weights that seed ``seed`` had after ``step`` steps."""
+    return f"baseline_seed{seed}_step{step}"
+
+
 @dataclass
 class TrainedBaseline:
     """A finished ``08_baseline`` run, ready to sample: one EMA U-Net per training seed, with the Stage A, text
@@ -332,10 +353,17 @@ class TrainedBaseline:
     sample_steps: int
     guidance: float
     stage_c_pipelines: dict[int, Path] = dataclasses.field(default_factory=dict)  # more Würstchen seeds, by seed
+    snapshots: dict[tuple[int, int], BaselineUNet] = dataclasses.field(default_factory=dict)  # (seed, step) -> EMA
+    flops_per_step: int = 0       # the baseline's training FLOPs per step (08's count)
+    steps: int = 0                # its steps: the last snapshot is the final network
+    stage_c_flops: int = 0        # the training FLOPs of the Stage C the budget came from
+    stage_bc_flops: int = 0       # ... and of Stage B + C
 
-    def sample(self, seed: int, prompts: list[str], generator: RNG) -> torch.Tensor:
-        """Images of the U-Net trained with ``seed`` for ``prompts``, as 08's sample grid draws them."""
-        return sample_grid(self.unets[seed], self.stage_a, self.text, prompts, self.resolution, self.sample_steps,
+    def sample(self, seed: int, prompts: list[str], generator: RNG, step: int | None = None) -> torch.Tensor:
+        """Images of the U-Net trained with ``seed`` for ``prompts``, as 08's sample grid draws them; ``step``: its
+        EMA weights after that step (one of 08's snapshots) instead of the final ones."""
+        unet = self.unets[seed] if step is None or step == self.steps else self.snapshots[seed, step]
+        return sample_grid(unet, self.stage_a, self.text, prompts, self.resolution, self.sample_steps,
                            self.guidance, self.schedule, seed, generator=generator)
 
 
@@ -354,10 +382,14 @@ def load_trained_baseline(run: Run) -> TrainedBaseline:
     sc = _recorded(StageCParams, Run(notebook, run.profile, c_id, paths.runs_dir() / notebook / run.profile / c_id))
     pipelines = {int(s): run.dir / "checkpoints" / f"pipeline_stage_c_seed{s}"
                  for s in metrics.get("stage_c_seeds", [])}
+    snapshots = {(s, int(t)): load_baseline(run.dir / "checkpoints" / snapshot_name(s, int(t)))
+                 for s in seeds for t in metrics.get("snapshot_steps", [])}  # a run from before snapshots has none
+    c_flops = metrics["flops_per_step"]["stage_c"] * metrics["stage_c_steps"]
     return TrainedBaseline(run, {s: load_baseline(f) for s, f in folders.items()}, freeze(load_stage("a", run.profile)),
                            TextCache(text_encoder(run.profile, metrics["text_layer"])), sc.diffusion().schedule,
                            int(config["resolution"]), int(config["sample_steps"]), float(config.get("guidance") or 0.0),
-                           pipelines)
+                           pipelines, snapshots, int(metrics["flops_per_step"]["baseline"]), int(metrics["steps"]),
+                           int(c_flops), int(c_flops + metrics["flops_per_step"]["stage_b"] * metrics["stage_b_steps"]))
 
 
 def seeds_loss_figure(histories: Mapping[int, pd.DataFrame]):

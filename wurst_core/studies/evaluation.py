@@ -58,6 +58,7 @@ from .figures import image_grid
 from .heldout import NOVEL, composition_groups, group_table, masked, seen_compositions, subset_features
 from .phases import run_log
 from .sampling import SamplingParams, load_sampling_pipeline
+from .training_cost import TrainingCurve, curve_detail, training_curve
 
 REAL = "real (ground truth)"
 SHUFFLED = "real, other prompt"
@@ -116,6 +117,7 @@ class EvaluationResult:
     claims: list[Claim] = field(default_factory=list)     # the paper's claims, 07's measurement filled in
     baseline: dict[str, Any] | str = NO_BASELINE          # the 08 run compared with, or why none was
     comparison: BaselineComparison | None = None          # Würstchen against each baseline seed, prompt by prompt
+    curve: TrainingCurve | None = None                    # the baseline along its training FLOPs (08's snapshots)
 
     def summary(self) -> pd.DataFrame:
         """One row per generator: the headline numbers (CIs in ``tables``). KID leads the quality numbers; FID
@@ -380,7 +382,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         "novel_vs_seen": group_table(checks, probe_features, real_sets[0], groups, p.n_boot, p.seed),
     }
     claims = measured_claims(None, baseline_note, others=ablation_claims(p.profile))
-    baseline_info, comparison = baseline_note, None
+    baseline_info, comparison, curve = baseline_note, None, None
     if baseline is not None:
         seeds = list(baseline_rows)
         # Würstchen's seeds pair with the baseline's in order when 08 trained as many Stage C seeds as there are
@@ -406,8 +408,17 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         speed_detail = (f"{len(prompts)} prompts in batches of 16 at {res} px, Würstchen {p.prior_steps}+"
                         f"{p.decoder_steps} steps, the baseline {baseline.sample_steps} steps")
         baseline_info["seconds_per_image"] = {n: sum(batch_seconds[n]) / len(prompts) for n in [*models, *seeds]}
+        novel = [i for i, m in enumerate(groups[NOVEL].tolist()) if m]
+        curve = training_curve(baseline, checks, models, seeds, novel, prompts, truths, probe, res, p.seed,
+                               p.n_boot, log) if len(novel) >= 2 else None
+        cheaper_detail = (f"{baseline.run.notebook}/{baseline.run.run_id} kept no snapshots (rerun 08_baseline)"
+                          if curve is None else curve_detail(curve, baseline, len(novel)))
+        if curve is not None:
+            baseline_info["training_curve"] = curve.numbers()
+            tables["training_curve"] = curve.table()
         claims = measured_claims(comparison, _claim_detail(detail, p.seed) if comparison else "< 2 novel prompts",
-                                 speed, speed_detail, ablation_claims(p.profile))
+                                 speed, speed_detail, ablation_claims(p.profile),
+                                 cheaper=curve.matched if curve is not None else None, cheaper_detail=cheaper_detail)
         if comparison is not None:
             log(f"Würstchen - baseline, all_correct on novel compositions (points): {comparison.headline()}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),
@@ -419,7 +430,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     if paired:  # only then does the noise differ from the one stream per generator of a run without a baseline
         info["sampling_noise"] = "per prompt: prompt i of every sampled system drawn from the seed (seed, i)"
     return EvaluationResult(prompts, images, estimates, ceiling, tables, info, costs, claims, baseline_info,
-                            comparison)
+                            comparison, curve)
 
 
 ABLATIONS = ((SEMANTICS, "10_compression"), (STABILITY, "09_objective"), (P2_WEIGHTING, "09_objective"))

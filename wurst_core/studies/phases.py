@@ -7,6 +7,7 @@ stage's checkpoint (the latest run of the upstream notebook on the same profile)
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,18 +127,19 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ema_into(task: nn.Module, ckpt: Path) -> None:
-    """Load the EMA weights of the finished run into ``task`` (evaluation and export use EMA weights)."""
-    state = load_training_state(ckpt / "train_state.pt")
+def _ema_into(task: nn.Module, ckpt: Path, path: Path | None = None) -> None:
+    """Load the EMA weights of the finished run (or of the snapshot file ``path``) into ``task`` (evaluation and
+    export use EMA weights)."""
+    state = load_training_state(path or ckpt / "train_state.pt")
     ema = EMA(task)
     ema.load_state_dict(state["ema"])
     ema.copy_to(task)
 
 
 def _fit_phase(task: nn.Module, p: PhaseParams, run: Run, stage: str, data: Stream,
-               progress: bool) -> tuple[pd.DataFrame, float]:
+               progress: bool, snapshot_steps: tuple[int, ...] = ()) -> tuple[pd.DataFrame, float]:
     """Train ``task`` on ``data`` into ``<run>/checkpoints/train_<stage>``, then load its EMA weights; returns the
-    log and the training seconds."""
+    log and the training seconds. ``snapshot_steps``: steps after which the EMA weights are also kept there."""
     ckpt = checkpoint_dir(run, f"train_{stage}")
     if p.resume:
         state = ckpt / "train_state.pt"
@@ -146,7 +148,8 @@ def _fit_phase(task: nn.Module, p: PhaseParams, run: Run, stage: str, data: Stre
         run.logger.info(message)
         print(message, flush=True)
     t1 = time.time()
-    history = fit_processes(task, p.train_config(), data, len(data), ckpt, workers=p.workers, resume=p.resume,
+    cfg = dataclasses.replace(p.train_config(), snapshot_steps=tuple(snapshot_steps))
+    history = fit_processes(task, cfg, data, len(data), ckpt, workers=p.workers, resume=p.resume,
                             progress=progress, on_log=lambda step, rec: run.logger.info(
                                 "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "step")))
     seconds = time.time() - t1

@@ -72,6 +72,7 @@ class TrainConfig:
     precision: str = "auto"           # "auto": bf16 autocast on CUDA, float32 on CPU | "fp32" | "bf16"
     strategy: str = "ddp"             # several processes: "ddp" (replicated) | "fsdp" (FSDP2 sharding, paper sizes)
     diverge_factor: float = 100.0     # stop when the smoothed loss rises this many times above its best (0: never)
+    snapshot_steps: tuple[int, ...] = ()  # also keep the EMA weights after these steps (learning curves)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
@@ -86,11 +87,13 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if self.diverge_factor and not self.diverge_factor > 1:
             raise ValueError(f"diverge_factor must be > 1 (or 0: never stop), got {self.diverge_factor}")
+        if any(not 1 <= s <= self.steps for s in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps must lie in [1, steps={self.steps}], got {self.snapshot_steps}")
 
     def differences(self, recorded: dict[str, Any]) -> list[str]:
         """What differs from a ``recorded`` config (a checkpoint's), except a grown step count and settings that
         do not change the result's maths (logging, checkpointing, divergence threshold)."""
-        free = {"steps", "ckpt_every", "log_every", "diverge_factor", "strategy"}
+        free = {"steps", "ckpt_every", "log_every", "diverge_factor", "strategy", "snapshot_steps"}
         now = dataclasses.asdict(self)
         out = [f"{k}: {recorded[k]!r} -> {now[k]!r}" for k in now
                if k in recorded and k not in free and _plain(recorded[k]) != _plain(now[k])]
@@ -266,7 +269,8 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
     """Train ``task`` for ``cfg.steps`` updates and return the log as a DataFrame.
 
     ``get_batch(indices)`` loads the dataset items; ``ckpt_dir/train_state.pt`` holds model, EMA, optimizer and step
-    (written atomically every ``cfg.ckpt_every`` steps and at the end). With ``resume=True`` the run continues
+    (written atomically every ``cfg.ckpt_every`` steps and at the end); after each of ``cfg.snapshot_steps`` the EMA
+    weights are also kept (:func:`snapshot_path`). With ``resume=True`` the run continues
     from that file exactly. A non-finite loss raises :class:`TrainingDiverged` and leaves the last checkpoint intact.
     Under ``torchrun`` the task is wrapped in DistributedDataParallel, or sharded with FSDP2 when
     ``cfg.strategy == "fsdp"`` (checkpoints then hold full, gathered tensors; optimizer states keyed by name).
@@ -356,12 +360,21 @@ def fit(task: nn.Module, cfg: TrainConfig, get_batch: Callable[[list[int]], dict
             bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k in ("loss", "lr", "samples_per_s")})
             if on_log is not None and rank == 0:
                 on_log(step + 1, rec)
+        if step + 1 in cfg.snapshot_steps:
+            ema_state = ema.state_dict()  # collective under FSDP
+            if rank == 0:
+                save_torch(snapshot_path(ckpt_dir, step + 1), {"ema": ema_state, "step": step + 1})
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
     bar.close()
     if world > 1:
         dist.barrier()
     return pd.DataFrame(history)
+
+
+def snapshot_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
+    """Where :func:`fit` keeps the EMA weights after ``step`` when ``step`` is one of ``cfg.snapshot_steps``."""
+    return Path(ckpt_dir) / f"ema_step{step:08d}.pt"
 
 
 def _diverged(problem: str, state_path: Path) -> None:
