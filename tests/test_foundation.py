@@ -161,7 +161,16 @@ def test_run_folder_layout_and_report(tmp_path):
     (run.dir / "done.json").write_text(json.dumps({"finished": "x", "wall_seconds": 125.0}))
     text = report.build_report("smoke", ["00_data", "03_stage_a"]).read_text()
     assert ", wall time 2.1 min)" in text and f"| `00_data` | `{run.run_id}` | 2.1 |" in text
-    assert "| **total** | | **2.1** |" in text
+    assert "| **total** | | **2.1** |" in text and "Machine speed" not in text  # smoke: no tiny Stage C to time
+
+
+def test_report_gives_the_machine_speed_from_stage_cs_training(tmp_path):
+    run = runs.start_run("05_stage_c", "tiny", {"profile": "tiny", "batch_size": 32})
+    run.save_metrics({"steps": 1000, "train_seconds": 320.0})  # 100 samples/s
+    (run.dir / "done.json").write_text(json.dumps({"wall_seconds": 1200.0}))
+    assert report.machine_speed("tiny") == pytest.approx(100.0)
+    text = "\n".join(report.wall_time_section("tiny", ["05_stage_c"]))
+    assert "trained 100 samples/s, against 297" in text and "at that ratio (0.34;" in text
 
 
 def test_report_opens_with_the_claims_table_of_the_latest_evaluation_run():

@@ -46,8 +46,24 @@ def _wall_time(run_dir: Path) -> str:
     return f", wall time {seconds / 60:.1f} min" if seconds is not None else ""
 
 
+# Stage C's training samples/s on the 2-core machine the tiny budget was sized on (05_stage_c, 2026-11-30)
+SIZED_SAMPLES_PER_S = 297.0
+
+
+def machine_speed(profile: str) -> float | None:
+    """Stage C's training samples per second in the latest ``05_stage_c`` run (steps x batch / train seconds): how
+    fast the machine of this regeneration trained, None without such a run."""
+    run = latest_run("05_stage_c", profile)
+    if run is None:
+        return None
+    m, cfg = run.metrics(), json.loads((run.dir / "config.json").read_text())
+    steps, batch, seconds = m.get("steps"), cfg.get("batch_size"), m.get("train_seconds")
+    return steps * batch / seconds if steps and batch and seconds else None
+
+
 def wall_time_section(profile: str, names: list[str]) -> list[str]:
-    """One row per notebook: its latest run and wall time, then the total (the budget `make reproduce` must keep)."""
+    """One row per notebook: its latest run and wall time, then the total (the budget `make reproduce` must keep),
+    and how fast the machine trained against the one the budget was sized on."""
     rows, total = [], 0.0
     for name in names:
         run = latest_run(name, profile)
@@ -55,10 +71,15 @@ def wall_time_section(profile: str, names: list[str]) -> list[str]:
         total += seconds or 0.0
         rows.append(f"| `{name}` | {f'`{run.run_id}`' if run else '-'} | "
                     f"{'-' if seconds is None else f'{seconds / 60:.1f}'} |")
+    speed = machine_speed(profile)
+    pace = [] if speed is None or profile != "tiny" else [
+        f"Machine speed: `05_stage_c` trained {speed:.0f} samples/s, against {SIZED_SAMPLES_PER_S:.0f} on the machine "
+        f"the tiny budget was sized on (2026-11-30): read the total against the two-hour budget at that ratio "
+        f"({speed / SIZED_SAMPLES_PER_S:.2f}; not every notebook slows alike).", ""]
     return ["## Wall time per notebook", "",
             "Each notebook's latest run, as `wurst reproduce` timed it (2-core CPU; `-`: no run, or one made without "
             "the runner).", "", "| notebook | run | wall time [min] |", "|---|---|---:|", *rows,
-            f"| **total** | | **{total / 60:.1f}** |", ""]
+            f"| **total** | | **{total / 60:.1f}** |", "", *pace]
 
 
 CLAIMS_NOTEBOOK = "07_evaluation"  # the notebook that writes tables/claims.md
