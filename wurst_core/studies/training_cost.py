@@ -90,7 +90,7 @@ def training_curve_figure(curve: TrainingCurve):
     for s, v in curve.baseline.items():
         ax.plot(curve.fractions, v, marker="o", lw=1, label=f"baseline LDM, seed {s}")
     for i, (m, v) in enumerate(curve.model.items()):
-        ax.axhline(v, color=f"C{len(curve.baseline) + i}", ls="--", lw=1, label=f"{m} (trained at x = 1)")
+        ax.axhline(v, color=f"C{len(curve.baseline) + i}", ls="--", lw=1, label=f"{m}, at x = 1")
     ax.axvline(1.0, color="0.6", lw=0.8)
     ax.axvline(curve.stage_bc_over_c, color="0.6", lw=0.8, ls=":")
     ax.set(xscale="log", xlabel="training FLOPs / Stage C's (dotted: Stage B + C's)",
