@@ -16,8 +16,8 @@ from wurst_core import evaluation as E
 from wurst_core import paths
 from wurst_core.evaluation import compute as C
 from wurst_core.evaluation.probe import ProbeSpec
-from wurst_core.studies.claims import (EQUAL_COMPUTE, LATER, MEASURED, compare_with_baseline, measured_claims,
-                                      stated_claims)
+from wurst_core.studies.claims import (EQUAL_COMPUTE, EQUAL_COMPUTE_BC, LATER, MEASURED, compare_with_baseline,
+                                      measured_claims, stated_claims)
 
 
 # ----------------------------------------------------------------------------------------------- compute
@@ -316,7 +316,12 @@ def test_comparison_with_the_baseline_pairs_each_seed_and_pools():
     assert E.verdict(claims[2]) == E.NOT_MEASURED and "not measured" in claims[2].measure  # no KID passed
     cheaper = next(c for c in claims if c.name == "Training is several times cheaper")
     assert E.verdict(cheaper) == E.NOT_MEASURED and cheaper.measure.endswith("not measured: 08_baseline/x")
-    assert [c for c in claims[3:] if c is not cheaper] == [c for c in LATER if c.name != cheaper.name]
+    assert claims[3].name == EQUAL_COMPUTE_BC.name and E.verdict(claims[3]) == E.NOT_MEASURED
+    assert [c for c in claims[4:] if c is not cheaper] == [c for c in LATER if c.name != cheaper.name]
+    against_bc = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b1"], n_boot=100)
+    second = measured_claims(cmp, "08_baseline/x", comparison_bc=against_bc, detail_bc="08_baseline/bc")[3]
+    assert E.verdict(second) == E.SUPPORTED and second.rule == EQUAL_COMPUTE.rule  # Stage B + C's FLOPs, same rule
+    assert "08_baseline/bc" in second.measure
 
     single = compare_with_baseline({"W": model, **seeds}, scores, "W", ["b1"])
     assert single.pooled is None and single.headline() is single.per_seed["b1"]["all_correct_diff"]

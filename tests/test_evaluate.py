@@ -386,6 +386,15 @@ def test_evaluation_skips_the_baseline_cleanly_without_an_08_run():
         json.dumps({"upstream": {"stage_c": "05_stage_c/20260101-000000"}}))
     run, name = study.baseline_run_for(p, trained=True)
     assert run.run_id == "20260101-000001" and name == "08_baseline/20260101-000001"
+    # a later run at Stage B + C's budget is the second row's, never the first's
+    folder = paths.runs_dir() / "08_baseline/smoke/20260101-000002"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"upstream": {"stage_c": "05_stage_c/20260101-000000"},
+                                                     "budget": "stage_bc"}))
+    assert study.baseline_run_for(p, trained=True)[0].run_id == "20260101-000001"
+    assert study.baseline_run_for(p, trained=True, budget="stage_bc")[0].run_id == "20260101-000002"
+    (folder / "metrics.json").unlink()
+    assert study.baseline_run_for(p, trained=True, budget="stage_bc") == (None, "no 08_baseline run at budget stage_bc")
 
 
 def test_duplicate_prompts_keep_their_own_images():

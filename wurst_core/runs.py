@@ -138,12 +138,16 @@ def start_run(notebook: str, profile: str, config: Any = None, run_id: str | Non
     return run
 
 
-def latest_run(notebook: str, profile: str) -> Run | None:
-    """The most recent run of a notebook on a profile that wrote ``metrics.json``, or None."""
+def finished_runs(notebook: str, profile: str) -> list[Run]:
+    """Every run of a notebook on a profile that wrote ``metrics.json``, oldest first (run ids sort by time)."""
     base = paths.runs_dir() / notebook / profile
     if not base.exists():
-        return None
+        return []
     done = sorted((p for p in base.iterdir() if (p / "metrics.json").exists()), key=lambda p: p.name)
-    if not done:
-        return None
-    return Run(notebook=notebook, profile=profile, run_id=done[-1].name, dir=done[-1])
+    return [Run(notebook=notebook, profile=profile, run_id=d.name, dir=d) for d in done]
+
+
+def latest_run(notebook: str, profile: str) -> Run | None:
+    """The most recent run of a notebook on a profile that wrote ``metrics.json``, or None."""
+    done = finished_runs(notebook, profile)
+    return done[-1] if done else None

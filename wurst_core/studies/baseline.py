@@ -33,7 +33,7 @@ from ..evaluation.compute import training_flops
 from ..models import count_parameters
 from ..models.baseline import BASELINE_SIZES, BaselineUNet, load_baseline, save_baseline
 from ..params import Domain, param
-from ..runs import Run
+from ..runs import Run, finished_runs
 from ..text import text_encoder_dir
 from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators, snapshot_path
 from ..weights import load_model
@@ -54,7 +54,7 @@ class BaselineParams(PhaseParams):
     steps: int = param(0, ge=0)  # 0: the compute budget's steps; > 0: this many (no longer equal compute)
     budget: str = params.choice("stage_c", *BUDGETS)  # whose training FLOPs the baseline gets
     seeds: str = param("0,1", items=Domain(lo=0))  # training seeds (init, batch order, noise), one run each
-    stage_c_seeds: str = param("1", items=Domain(lo=0))  # more Stage C seeds trained here as 05 trains seed 0
+    stage_c_seeds: str = "1"  # more Stage C seeds trained here as 05 trains seed 0 ("": none; checked in check())
     sample_steps: int = param(0, ge=1, le=1000)   # DDPM steps of the sample grid
     guidance: float | None = param(None, ge=0)    # classifier-free guidance of the sample grid (on above 1)
     n_prompts: int = param(16, ge=1)              # held-out prompts in the sample grid
@@ -332,6 +332,13 @@ def sample_grid(unet: nn.Module, stage_a: nn.Module, text: TextCache, prompts: l
                      generator=torch.Generator().manual_seed(seed) if generator is None else generator,
                      progress=progress, schedule=schedule)
     return stage_a.decode(latents).clamp(0, 1)
+
+
+def latest_baseline_run(profile: str, budget: str = "stage_c") -> Run | None:
+    """The latest finished ``08_baseline`` run of ``profile`` trained at ``budget`` (a run that records none trained
+    at Stage C's, the default), so that a run at Stage B + C's budget never stands in for the paper's setup."""
+    runs = [r for r in finished_runs("08_baseline", profile) if r.metrics().get("budget", "stage_c") == budget]
+    return runs[-1] if runs else None
 
 
 def snapshot_name(seed: int, step: int) -> str:

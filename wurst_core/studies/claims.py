@@ -53,6 +53,11 @@ QUALITY = Claim(
     measure="KID_tiny of the baseline minus KID_tiny of Würstchen (probe features, full-set unbiased MMD²; "
             "positive: Würstchen closer to the real images), paired by prompt, pooled over the baseline's seeds")
 MEASURED = (EQUAL_COMPUTE, PREFERENCE, QUALITY)  # what 07 measures against the baseline, by headline key
+EQUAL_COMPUTE_BC = dataclasses.replace(
+    EQUAL_COMPUTE, name="At Stage B + C's training compute, Würstchen beats the baseline LDM: prompt adherence",
+    measure="as the first row, against a baseline trained at Stage B's plus Stage C's training FLOPs (Würstchen's "
+            "whole recipe above Stage A; `wurst run 08_baseline -p budget stage_bc -p stage_c_seeds ''`, not run by "
+            "`make reproduce`: 1.5x the first row's baseline training on tiny)")
 HEADLINES = {EQUAL_COMPUTE.name: "all_correct_diff", PREFERENCE.name: "judge_win", QUALITY.name: "kid_diff"}
 
 LATER: tuple[Claim, ...] = (
@@ -180,7 +185,7 @@ def claim_from_run(claim: Claim, notebook: str, run: Any) -> Claim:
 
 def stated_claims() -> list[Claim]:
     """Every claim with its rule as stated before any measurement (what the notebook prints first)."""
-    return [*MEASURED, *LATER]
+    return [*MEASURED, EQUAL_COMPUTE_BC, *LATER]
 
 
 PAIRED = ("all_correct", "cell_iou")               # per-prompt checks compared as paired differences
@@ -261,11 +266,13 @@ def compare_with_baseline(checks: Mapping[str, Mapping[str, Tensor]], scores: Ma
 
 def measured_claims(comparison: BaselineComparison | None, detail: str, speed: Estimate | None = None,
                     speed_detail: str = "", others: Sequence[Claim] = (), cheaper: Estimate | None = None,
-                    cheaper_detail: str = "") -> list[Claim]:
+                    cheaper_detail: str = "", comparison_bc: BaselineComparison | None = None,
+                    detail_bc: str = "") -> list[Claim]:
     """The claims with 07's measurements filled in from ``comparison`` (``detail``: the 08 run, its budget and
     seeds), or "not measured yet" with ``detail`` saying why; the inference claim from ``speed`` (a
     :func:`speed_ratio`), the training-cost claim from ``cheaper`` (a :func:`matching_budget`; without it
-    ``cheaper_detail`` says why); ``others``: claims measured by other notebooks (:func:`claim_from_run`),
+    ``cheaper_detail`` says why), the second equal-compute row from ``comparison_bc`` (the baseline at Stage B +
+    C's budget; ``detail_bc`` names it or says why there is none); ``others``: claims measured by other notebooks (:func:`claim_from_run`),
     replacing the later claims of the same name; the rest as stated."""
     out = []
     for claim in MEASURED:
@@ -282,7 +289,11 @@ def measured_claims(comparison: BaselineComparison | None, detail: str, speed: E
     why = cheaper_detail if cheaper is not None else f"not measured: {cheaper_detail or detail}"
     later[CHEAPER.name] = dataclasses.replace(CHEAPER, measured=cheaper, measure=f"{CHEAPER.measure}; {why}")
     later.update({c.name: c for c in others})
-    return [*out, *later.values()]
+    bc = (dataclasses.replace(EQUAL_COMPUTE_BC, measured=comparison_bc.headline(),
+                              measure=f"{EQUAL_COMPUTE_BC.measure}; {detail_bc}") if comparison_bc is not None else
+          dataclasses.replace(EQUAL_COMPUTE_BC, measure=f"{EQUAL_COMPUTE_BC.measure}; not measured: "
+                                                        f"{detail_bc or detail}"))
+    return [*out, bc, *later.values()]
 
 
 def claims_records(claims: Sequence[Claim]) -> list[dict[str, Any]]:

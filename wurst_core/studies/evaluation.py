@@ -48,7 +48,7 @@ from ..models import count_parameters
 from ..params import param
 from ..runs import Run, latest_run
 from ..text import CLIP_TRAINING, load_tiny_clip, train_and_save_tiny_clip
-from .baseline import TrainedBaseline, load_trained_baseline
+from .baseline import TrainedBaseline, latest_baseline_run, load_trained_baseline
 from .claims import (BaselineComparison, claim_from_run, claims_records, compare_with_baseline, measured_claims,
                      speed_ratio)
 from .claims import stated_claims as _stated_here
@@ -220,13 +220,14 @@ def _cost_table(phases: dict[str, dict[str, Any] | None], p: EvaluationParams) -
     return pd.DataFrame.from_records(rows).set_index("phase"), numbers
 
 
-def baseline_run_for(p: EvaluationParams, trained: bool) -> tuple[Run | None, str]:
-    """The ``08_baseline`` run to evaluate beside Würstchen and its name, or None and why not: the profile has no
-    finished 08 run; Würstchen was not trained here (``weights_dir`` or random weights: 08 matched the compute of
-    this workbench's Stage C); or 08 was budgeted on another ``05_stage_c`` run than the one evaluated."""
-    run = latest_run("08_baseline", p.profile)
+def baseline_run_for(p: EvaluationParams, trained: bool, budget: str = "stage_c") -> tuple[Run | None, str]:
+    """The ``08_baseline`` run at ``budget`` to evaluate beside Würstchen and its name, or None and why not: the
+    profile has no finished 08 run at that budget; Würstchen was not trained here (``weights_dir`` or random
+    weights: 08 matched the compute of this workbench's Stage C); or 08 was budgeted on another ``05_stage_c`` run
+    than the one evaluated."""
+    run = latest_baseline_run(p.profile, budget)
     if run is None:
-        return None, NO_BASELINE
+        return None, NO_BASELINE if budget == "stage_c" else f"no 08_baseline run at budget {budget}"
     if p.weights_dir or not trained:
         what = f"weights_dir {p.weights_dir}" if p.weights_dir else "random weights"
         return None, (f"Würstchen is not this workbench's trained Stage C ({what}): 08_baseline/{run.run_id} was "
@@ -239,15 +240,19 @@ def baseline_run_for(p: EvaluationParams, trained: bool) -> tuple[Run | None, st
     return run, f"08_baseline/{run.run_id}"
 
 
-def baseline_name(seed: int) -> str:
-    return f"baseline LDM (seed {seed})"
+def baseline_name(seed: int, budget: str = "stage_c") -> str:
+    return f"baseline LDM (seed {seed})" if budget == "stage_c" else f"baseline LDM, Stage B + C's FLOPs (seed {seed})"
+
+
+def _budget(baseline: TrainedBaseline) -> str:
+    return baseline.run.metrics().get("budget", "stage_c")
 
 
 def _baseline_generators(baseline: TrainedBaseline | None, seed: int) -> dict[str, gens.Generator]:
     # one generator per training seed, each drawing prompt i from the seed that Würstchen's prompt i gets
     if baseline is None:
         return {}
-    return {baseline_name(s): gens.per_prompt_generator(functools.partial(baseline.sample, s), seed)
+    return {baseline_name(s, _budget(baseline)): gens.per_prompt_generator(functools.partial(baseline.sample, s), seed)
             for s in baseline.unets}
 
 
@@ -276,7 +281,8 @@ def _baseline_rows(baseline: TrainedBaseline | None) -> dict[str, dict[str, Any]
         return {}
     m, cfg = baseline.run.metrics(), json.loads((baseline.run.dir / "config.json").read_text())
     workers = int(cfg.get("workers") or 1)
-    return {baseline_name(s): dict(params=float(count_parameters(unet)), sampling_steps=baseline.sample_steps,
+    return {baseline_name(s, _budget(baseline)): dict(params=float(count_parameters(unet)),
+                                                      sampling_steps=baseline.sample_steps,
                                    cpu_core_hours=compute.core_hours(m["train_seconds"][f"seed{s}"], workers),
                                    train_samples=int(m["steps"]) * int(cfg["batch_size"]))
             for s, unet in baseline.unets.items()}
@@ -302,6 +308,8 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     baseline_run, baseline_note = baseline_run_for(p, trained)
     baseline = load_trained_baseline(baseline_run) if baseline_run is not None else None
     log(f"baseline: {baseline_note}")
+    bc_run, bc_note = baseline_run_for(p, trained, "stage_bc")  # the second equal-compute row, beside the first
+    baseline_bc = load_trained_baseline(bc_run) if bc_run is not None and baseline is not None else None
 
     # held-out prompts with their ground truth, an independent real sample for FID, the probe's training images
     test = load_images(p.dataset, p.n_prompts, res, p.seed, "test", progress=False)
@@ -324,6 +332,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
                                             p.prior_guidance, seed=p.seed, per_prompt=paired),
         **_stage_c_seed_generators(baseline, p, int(pipe_info["size"])),
         **_baseline_generators(baseline, p.seed),
+        **_baseline_generators(baseline_bc, p.seed),
         SHUFFLED: gens.shuffled_generator(prompts, test["image"], p.seed),
         NOISE: gens.noise_generator(res, p.seed),
     }
@@ -360,7 +369,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     samples = c["steps"] * c["batch"] if c.get("steps") and c.get("batch") else None
     # random weights trained nothing; a trained pipeline counts its 05 run (unknown for weights_dir)
     stage_c_hours, stage_c_samples = (c.get("core_hours"), samples) if trained else (0.0, 0)
-    rows, baseline_rows = [], _baseline_rows(baseline)
+    rows, baseline_rows = [], {**_baseline_rows(baseline), **_baseline_rows(baseline_bc)}
     for name, est in estimates.items():
         row = Table2Row(name, fid=est["FID_tiny"], inception_score=est["IS_tiny"])
         if name == model_name:  # Table 2 counts Stage C: its parameters, steps, CPU core-hours and samples
@@ -384,7 +393,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     claims = measured_claims(None, baseline_note, others=ablation_claims(p.profile))
     baseline_info, comparison, curve = baseline_note, None, None
     if baseline is not None:
-        seeds = list(baseline_rows)
+        seeds = list(_baseline_rows(baseline))
         # Würstchen's seeds pair with the baseline's in order when 08 trained as many Stage C seeds as there are
         models = [model_name, *(stage_c_name(s) for s in baseline.stage_c_pipelines)]
         models = models if len(models) == len(seeds) else [model_name] * len(seeds)
@@ -416,9 +425,19 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
         if curve is not None:
             baseline_info["training_curve"] = curve.numbers()
             tables["training_curve"] = curve.table()
+        comparison_bc = None
+        if baseline_bc is not None and len(novel) >= 2:  # Würstchen's seeds paired in order, as above
+            seeds_bc = list(_baseline_rows(baseline_bc))
+            models_bc = models if len(models) == len(seeds_bc) else [model_name] * len(seeds_bc)
+            comparison_bc = compare_with_baseline(masked(checks, groups[NOVEL]), masked(scores, groups[NOVEL]),
+                                                  models_bc, seeds_bc, p.n_boot, p.seed)
+            tables["baseline_comparison_stage_bc"] = comparison_bc.table()
+            baseline_info["paired_novel_stage_bc"] = comparison_bc.numbers()
+            bc_note = _claim_detail(_baseline_detail(baseline_bc, len(novel)), p.seed)
         claims = measured_claims(comparison, _claim_detail(detail, p.seed) if comparison else "< 2 novel prompts",
                                  speed, speed_detail, ablation_claims(p.profile),
-                                 cheaper=curve.matched if curve is not None else None, cheaper_detail=cheaper_detail)
+                                 cheaper=curve.matched if curve is not None else None, cheaper_detail=cheaper_detail,
+                                 comparison_bc=comparison_bc, detail_bc=bc_note)
         if comparison is not None:
             log(f"Würstchen - baseline, all_correct on novel compositions (points): {comparison.headline()}")
     info = {"pipeline": pipe_info["weights"], "trained": trained, "resolution": res, "n_prompts": len(prompts),

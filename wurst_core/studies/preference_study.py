@@ -53,8 +53,8 @@ from ..human.simulate import RaterModel, parse_strengths, simulate_service
 from ..human.store import Store
 from ..params import param
 from ..pipeline import Pipeline
-from ..runs import Run, latest_run
-from .baseline import load_trained_baseline
+from ..runs import Run
+from .baseline import latest_baseline_run, load_trained_baseline
 from .evaluation import EvaluationParams, judge_for
 from .figures import image_grid, save_figure
 from .sampling import SamplingParams, load_sampling_pipeline
@@ -217,7 +217,7 @@ def render_system(kind: str, arg: str, p: PreferenceParams, held: Held,
         g = gens.pipeline_generator(pipe, size, p.prior_steps, p.decoder_steps, seed=p.seed, per_prompt=True)
         return _sampled(NAMES[kind], g, texts, p.resolution, str(info["weights"]), f"{note}; {no_probe}")
     if kind == "baseline":
-        run = latest_run("08_baseline", p.profile)
+        run = latest_baseline_run(p.profile)
         if run is None:
             log(f"Baseline LDM: no 08_baseline run on profile {p.profile!r}; left out of the study")
             return None
