@@ -93,11 +93,17 @@ def training_curve_figure(curve: TrainingCurve):
         ax.axhline(v, color=f"C{len(curve.baseline) + i}", ls="--", lw=1, label=f"{m}, at x = 1")
     ax.axvline(1.0, color="0.6", lw=0.8)
     ax.axvline(curve.stage_bc_over_c, color="0.6", lw=0.8, ls=":")
+    ticks = sorted({*curve.fractions, curve.stage_bc_over_c})
     ax.set(xscale="log", xlabel="training FLOPs / Stage C's (dotted: Stage B + C's)",
-           ylabel="attribute share, novel prompts (%)",
-           title=f"FLOPs for the baseline to match Würstchen: {curve.matched} x Stage C's")
-    ax.title.set_fontsize(8)
-    ax.legend(fontsize=7)
+           ylabel="attribute share, novel prompts (%)")
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())  # the log axis' minor labels overlap the checkpoints'
+    matched = curve.matched
+    ax.set_title(f"the baseline matches Würstchen at {matched} x Stage C's FLOPs" if np.isfinite(matched.high) else
+                 f"the baseline does not reach Würstchen's level within {max(curve.fractions):.3g} x Stage C's FLOPs"
+                 if not np.isfinite(matched.low) else
+                 f"the baseline matches Würstchen at {matched.value:.3g} x Stage C's FLOPs or later", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
