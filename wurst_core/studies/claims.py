@@ -7,8 +7,10 @@ compositional accuracy, in points), preference (the judge CLIP's PickScore-proce
 half) and image quality (the baseline's KID_tiny minus Würstchen's, paired by prompt). Every system samples prompt i
 from the same seed; each is pooled over the baseline's training seeds (the interval carries the seed-to-seed spread;
 with one seed, that seed's estimate). Beside them, per seed and pooled: the paired difference in cell IoU, the oracle
-judge's win rate and how often the two judges agree. The other claims are listed as "not measured yet", each saying
-what will measure it.
+judge's win rate and how often the two judges agree. 07 also measures the same adherence row at Stage B + C's budget
+(from an 08 run at ``budget="stage_bc"``), inference speed (:func:`speed_ratio`) and training cost
+(:func:`matching_budget` over 08's snapshots); the ablation claims come from notebooks 09 and 10
+(:func:`claim_from_run`). A claim without its measurement says "not measured yet" and what will measure it.
 """
 from __future__ import annotations
 
