@@ -475,11 +475,13 @@ def _errorbar(ax, xs: list[float], ests: list[dict[str, Any]], **kw) -> None:
 
 
 def quality_compute_figure(numbers: dict[str, Any], ratios: dict[int, Ratio]):
-    """Generation quality against compute: all-correct accuracy against Stage C's training FLOPs per step, KID_tiny
-    against Stage C's sampling FLOPs per image; one point per ratio, 95 % intervals."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    """Generation quality against compute: all-correct accuracy and cell IoU (which moves where all-correct sits at
+    its floor) against Stage C's training FLOPs per step, KID_tiny against Stage C's sampling FLOPs per image; one
+    point per ratio, 95 % intervals."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     panels = (("all_correct", "stage_c_train_per_step", "all-correct accuracy (%)",
                "Stage C training FLOPs per step"),
+              ("cell_iou", "stage_c_train_per_step", "cell IoU (%)", "Stage C training FLOPs per step"),
               ("KID_tiny", "stage_c_sampling_per_image", "KID_tiny (lower is better)",
                "Stage C sampling FLOPs per image"))
     for ax, (metric, cost, ylabel, xlabel) in zip(axes, panels):
