@@ -38,12 +38,14 @@ class Estimate:
 
 
 def bootstrap(statistic: Callable[..., float], *sizes: int, n_boot: int = 200, level: float = 0.95,
-              seed: int = 0, bias_correct: bool = False) -> Estimate:
+              seed: int = 0, bias_correct: bool = False, keep_infinite: bool = False) -> Estimate:
     """Percentile-bootstrap CI of ``statistic(idx_1, ..., idx_k)`` over ``k`` independent samples.
 
     ``statistic`` receives one index tensor per sample (``sizes[i]`` indices into sample ``i``); the point
     value is the statistic on the unresampled data (``arange`` indices). The generator is local, so the
-    global torch RNG is untouched and the same seed gives the same interval.
+    global torch RNG is untouched and the same seed gives the same interval. Non-finite draws are dropped, unless
+    ``keep_infinite``: then every draw counts and the bounds are nearest-rank percentiles, so that a statistic
+    that can be +inf (a threshold never reached) leaves the interval open on that side.
     """
     if not sizes or any(s < 1 for s in sizes):
         raise ValueError(f"bootstrap needs at least one non-empty sample, got sizes {sizes}")
@@ -56,6 +58,10 @@ def bootstrap(statistic: Callable[..., float], *sizes: int, n_boot: int = 200, l
     draws = []
     for _ in range(n_boot):
         draws.append(float(statistic(*(torch.randint(0, s, (s,), generator=gen) for s in sizes))))
+    if keep_infinite:
+        ranked = sorted(draws)
+        return Estimate(value, ranked[math.floor(n_boot * (1 - level) / 2)],
+                        ranked[math.ceil(n_boot * (1 + level) / 2) - 1], level, sizes[0])
     finite = torch.tensor([d for d in draws if math.isfinite(d)], dtype=torch.float64)
     if finite.numel() == 0:
         return Estimate(value, math.nan, math.nan, level, sizes[0])

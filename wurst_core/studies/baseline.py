@@ -35,7 +35,7 @@ from ..models.baseline import BASELINE_SIZES, BaselineUNet, load_baseline, save_
 from ..params import Domain, param
 from ..runs import Run, finished_runs
 from ..text import text_encoder_dir
-from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators, snapshot_path
+from ..training import BaselineTask, StageBTask, StageCTask, TextCache, freeze, sample_generators
 from ..weights import load_model
 from .figures import image_grid, save_figure
 from .phases import (_COMMON, PhaseParams, _ema_into, _fit_phase, _seed_all, checkpoint_dir, load_stage, text_encoder,
@@ -273,8 +273,7 @@ def train_baseline(p: BaselineParams, run: Run, progress: bool = True) -> Baseli
         unets[seed] = task.unet
         for step in snapshot_steps:  # the same network's EMA weights earlier in training
             snap = make_task()
-            _ema_into(snap, checkpoint_dir(run, f"train_baseline_seed{seed}"),
-                      snapshot_path(checkpoint_dir(run, f"train_baseline_seed{seed}"), step))
+            _ema_into(snap, checkpoint_dir(run, f"train_baseline_seed{seed}"), step)
             save_baseline(snap.unet, checkpoint_dir(run, snapshot_name(seed, step)))
     c_seconds = {}
     for seed in p.stage_c_seed_list():  # Würstchen's seed spread: Stage C again, as 05 trains it, from another seed
@@ -365,6 +364,7 @@ class TrainedBaseline:
     steps: int = 0                # its steps: the last snapshot is the final network
     stage_c_flops: int = 0        # the training FLOPs of the Stage C the budget came from
     stage_bc_flops: int = 0       # ... and of Stage B + C
+    budget: str = "stage_c"       # whose training FLOPs it was given (BUDGETS)
 
     def sample(self, seed: int, prompts: list[str], generator: RNG, step: int | None = None) -> torch.Tensor:
         """Images of the U-Net trained with ``seed`` for ``prompts``, as 08's sample grid draws them; ``step``: its
@@ -396,7 +396,8 @@ def load_trained_baseline(run: Run) -> TrainedBaseline:
                            TextCache(text_encoder(run.profile, metrics["text_layer"])), sc.diffusion().schedule,
                            int(config["resolution"]), int(config["sample_steps"]), float(config.get("guidance") or 0.0),
                            pipelines, snapshots, int(metrics["flops_per_step"]["baseline"]), int(metrics["steps"]),
-                           int(c_flops), int(c_flops + metrics["flops_per_step"]["stage_b"] * metrics["stage_b_steps"]))
+                           int(c_flops), int(c_flops + metrics["flops_per_step"]["stage_b"] * metrics["stage_b_steps"]),
+                           metrics.get("budget", "stage_c"))
 
 
 def seeds_loss_figure(histories: Mapping[int, pd.DataFrame]):

@@ -131,8 +131,8 @@ def matching_budget(model: Tensor, curve: Tensor, fractions: Sequence[float], n_
     the seed-and-prompt means): ``model`` (S, P) per-prompt scores of Würstchen's seeds, ``curve`` (K, S, P) the
     baseline's at increasing ``fractions``, seed s paired with Würstchen's seed s, the same P prompts.
 
-    The interval: the pigeonhole bootstrap of :func:`pooled_over_seeds` (prompts only with one seed), at least
-    :data:`MIN_BOOT` resamples, nearest-rank percentiles so that an unmatched resample (+inf) opens it above."""
+    The interval: the pigeonhole bootstrap of :func:`pooled_over_seeds` over seeds and prompts, at least
+    :data:`MIN_BOOT` resamples, keeping unmatched resamples (+inf), which open it above."""
     m, c = torch.as_tensor(model, dtype=torch.float64), torch.as_tensor(curve, dtype=torch.float64)
     fr = [float(f) for f in fractions]
     if m.dim() != 2 or c.dim() != 3 or c.shape[1:] != m.shape or c.shape[0] != len(fr) or m.numel() == 0:
@@ -142,27 +142,13 @@ def matching_budget(model: Tensor, curve: Tensor, fractions: Sequence[float], n_
         raise ValueError(f"fractions must be positive and increasing, got {fr}")
     if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(c).all())):
         raise ValueError("model and curve scores must be finite")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    n_seeds, n_prompts = m.shape
 
     def stat(s_idx: Tensor, p_idx: Tensor) -> float:
         target = float(m[s_idx][:, p_idx].mean())
         return first_match(target, c[:, s_idx][:, :, p_idx].mean(dim=(1, 2)).tolist(), fr)
 
-    value = stat(torch.arange(n_seeds), torch.arange(n_prompts))
-    gen = torch.Generator().manual_seed(seed)
-    n_boot = max(n_boot, MIN_BOOT)
-    one = torch.zeros(1, dtype=torch.long)  # a single seed: resample prompts only
-
-    def draw() -> float:
-        s_idx = torch.randint(0, n_seeds, (n_seeds,), generator=gen) if n_seeds > 1 else one
-        return stat(s_idx, torch.randint(0, n_prompts, (n_prompts,), generator=gen))
-
-    draws = sorted(draw() for _ in range(n_boot))
-    low = draws[math.floor(n_boot * (1 - level) / 2)]
-    high = draws[math.ceil(n_boot * (1 + level) / 2) - 1]
-    return Estimate(value, low, high, level, m.numel())
+    est = bootstrap(stat, *m.shape, n_boot=max(n_boot, MIN_BOOT), level=level, seed=seed, keep_infinite=True)
+    return dataclasses.replace(est, n=m.numel())
 
 
 def claim_from_run(claim: Claim, notebook: str, run: Any) -> Claim:
@@ -274,8 +260,8 @@ def measured_claims(comparison: BaselineComparison | None, detail: str, speed: E
     seeds), or "not measured yet" with ``detail`` saying why; the inference claim from ``speed`` (a
     :func:`speed_ratio`), the training-cost claim from ``cheaper`` (a :func:`matching_budget`; without it
     ``cheaper_detail`` says why), the second equal-compute row from ``comparison_bc`` (the baseline at Stage B +
-    C's budget; ``detail_bc`` names it or says why there is none); ``others``: claims measured by other notebooks (:func:`claim_from_run`),
-    replacing the later claims of the same name; the rest as stated."""
+    C's budget; ``detail_bc`` names it or says why there is none); ``others``: claims measured by other
+    notebooks (:func:`claim_from_run`), replacing the later claims of the same name; the rest as stated."""
     out = []
     for claim in MEASURED:
         key = HEADLINES[claim.name]

@@ -244,15 +244,11 @@ def baseline_name(seed: int, budget: str = "stage_c") -> str:
     return f"baseline LDM (seed {seed})" if budget == "stage_c" else f"baseline LDM, Stage B + C's FLOPs (seed {seed})"
 
 
-def _budget(baseline: TrainedBaseline) -> str:
-    return baseline.run.metrics().get("budget", "stage_c")
-
-
 def _baseline_generators(baseline: TrainedBaseline | None, seed: int) -> dict[str, gens.Generator]:
     # one generator per training seed, each drawing prompt i from the seed that Würstchen's prompt i gets
     if baseline is None:
         return {}
-    return {baseline_name(s, _budget(baseline)): gens.per_prompt_generator(functools.partial(baseline.sample, s), seed)
+    return {baseline_name(s, baseline.budget): gens.per_prompt_generator(functools.partial(baseline.sample, s), seed)
             for s in baseline.unets}
 
 
@@ -281,10 +277,10 @@ def _baseline_rows(baseline: TrainedBaseline | None) -> dict[str, dict[str, Any]
         return {}
     m, cfg = baseline.run.metrics(), json.loads((baseline.run.dir / "config.json").read_text())
     workers = int(cfg.get("workers") or 1)
-    return {baseline_name(s, _budget(baseline)): dict(params=float(count_parameters(unet)),
-                                                      sampling_steps=baseline.sample_steps,
-                                   cpu_core_hours=compute.core_hours(m["train_seconds"][f"seed{s}"], workers),
-                                   train_samples=int(m["steps"]) * int(cfg["batch_size"]))
+    return {baseline_name(s, baseline.budget): dict(
+                params=float(count_parameters(unet)), sampling_steps=baseline.sample_steps,
+                cpu_core_hours=compute.core_hours(m["train_seconds"][f"seed{s}"], workers),
+                train_samples=int(m["steps"]) * int(cfg["batch_size"]))
             for s, unet in baseline.unets.items()}
 
 
@@ -393,7 +389,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
     claims = measured_claims(None, baseline_note, others=ablation_claims(p.profile))
     baseline_info, comparison, curve = baseline_note, None, None
     if baseline is not None:
-        seeds = list(_baseline_rows(baseline))
+        seeds = [baseline_name(s, baseline.budget) for s in baseline.unets]
         # Würstchen's seeds pair with the baseline's in order when 08 trained as many Stage C seeds as there are
         models = [model_name, *(stage_c_name(s) for s in baseline.stage_c_pipelines)]
         models = models if len(models) == len(seeds) else [model_name] * len(seeds)
@@ -427,7 +423,7 @@ def run_evaluation(p: EvaluationParams, run: Run | None = None, progress: bool =
             tables["training_curve"] = curve.table()
         comparison_bc = None
         if baseline_bc is not None and len(novel) >= 2:  # Würstchen's seeds paired in order, as above
-            seeds_bc = list(_baseline_rows(baseline_bc))
+            seeds_bc = [baseline_name(s, baseline_bc.budget) for s in baseline_bc.unets]
             models_bc = models if len(models) == len(seeds_bc) else [model_name] * len(seeds_bc)
             comparison_bc = compare_with_baseline(masked(checks, groups[NOVEL]), masked(scores, groups[NOVEL]),
                                                   models_bc, seeds_bc, p.n_boot, p.seed)

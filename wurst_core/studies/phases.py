@@ -22,7 +22,7 @@ from ..data.stream import Stream
 from ..params import param
 from ..runs import Run, latest_run
 from ..text import load_tiny_text_encoder
-from ..training import EMA, TrainConfig, fit_processes, load_training_state
+from ..training import EMA, TrainConfig, fit_processes, load_training_state, snapshot_path
 from ..weights import load_model
 
 STAGE_NOTEBOOKS = {"a": "03_stage_a", "b": "04_stage_b", "c": "05_stage_c"}
@@ -127,10 +127,10 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _ema_into(task: nn.Module, ckpt: Path, path: Path | None = None) -> None:
-    """Load the EMA weights of the finished run (or of the snapshot file ``path``) into ``task`` (evaluation and
-    export use EMA weights)."""
-    state = load_training_state(path or ckpt / "train_state.pt")
+def _ema_into(task: nn.Module, ckpt: Path, step: int | None = None) -> None:
+    """Load the EMA weights of the finished run (or those kept after ``step``, one of its ``snapshot_steps``) into
+    ``task`` (evaluation and export use EMA weights)."""
+    state = load_training_state(ckpt / "train_state.pt" if step is None else snapshot_path(ckpt, step))
     ema = EMA(task)
     ema.load_state_dict(state["ema"])
     ema.copy_to(task)
